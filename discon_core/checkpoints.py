@@ -1,0 +1,240 @@
+"""Checkpoint I/O in one place: safe loading, official-format unwrapping, strict key
+reports, atomic saving, and downloads with sha256 verification.
+
+Nothing here unpickles arbitrary objects: ``.pt/.pth/.bin/.ckpt`` files go through
+``torch.load(weights_only=True)`` with a narrow allow-list of harmless non-tensor objects that
+official files carry (``argparse.Namespace`` in MAR's training checkpoints); ``.safetensors``
+through safetensors.
+
+How a component steers loading (plain class attributes, all optional):
+
+* ``checkpoint_prefix``: take only keys under this prefix and strip it (MAR's head lives under
+  ``diffloss.`` in the same file as the backbone);
+* ``checkpoint_drop``: named prefixes of keys that official files carry for training only
+  (VA-VAE's ``loss.``, ``foundation_model.``, ``linear_proj.``); dropped deliberately, never by
+  ``strict=False``.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .errors import DisconError
+
+HOME_ENV = "DISCON_HOME"
+SAFE_GLOBALS = [argparse.Namespace]
+# Official wrappers, in order of preference: the EMA weights win where a file holds both.
+WRAPPER_KEYS = ("model_ema", "model", "state_dict", "module")
+MAX_LISTED = 12
+
+
+def discon_home() -> Path:
+    """Cache root: ``$DISCON_HOME`` or ``~/.cache/discon``."""
+    return Path(os.environ.get(HOME_ENV) or Path.home() / ".cache" / "discon")
+
+
+def load_file(path: str | os.PathLike) -> Any:
+    """Read a checkpoint file safely; every failure is a DisconError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise DisconError(f"checkpoint not found: {path}")
+    if path.stat().st_size == 0:
+        raise DisconError(f"checkpoint {path} is empty (0 bytes): re-download or re-save it")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file as st_load
+        try:
+            return st_load(str(path), device="cpu")
+        except (SafetensorError, OSError, ValueError) as e:
+            raise DisconError(f"checkpoint {path} is not a readable safetensors file "
+                              f"(corrupt or truncated?): {e}") from None
+    try:
+        with torch.serialization.safe_globals(SAFE_GLOBALS):
+            return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch raises several types for bad files; classify them
+        msg = str(e)
+        if "Unsupported global" in msg or "Weights only load failed" in msg:
+            detail = next((ln.strip() for ln in msg.splitlines() if "Unsupported global" in ln),
+                          msg.splitlines()[0])
+            raise DisconError(
+                f"refused to unpickle {path}: it holds objects beyond tensors, containers and "
+                f"argparse.Namespace ({detail}). Nothing in it was executed. If you trust the "
+                "file, re-save just its tensors: torch.save(obj['state_dict'], 'clean.pth')"
+            ) from None
+        if "zip archive" in msg or "central directory" in msg or isinstance(e, EOFError):
+            raise DisconError(f"checkpoint {path} is truncated or corrupt ({msg.splitlines()[0]});"
+                              " re-download or re-save it") from None
+        raise DisconError(f"{path} is not a checkpoint torch can read "
+                          f"({type(e).__name__}: {msg.splitlines()[0] if msg else ''})") from None
+
+
+def unwrap(obj: Any, path: str | os.PathLike = "<memory>") -> dict[str, torch.Tensor]:
+    """The state dict inside an official file: plain, ``{'model'}``, ``{'model','model_ema'}``
+    (EMA used), Lightning ``{'state_dict'}``."""
+    if not isinstance(obj, Mapping):
+        raise DisconError(f"checkpoint {path} holds a {type(obj).__name__}, not a state dict")
+    for key in WRAPPER_KEYS:
+        inner = obj.get(key)
+        if isinstance(inner, Mapping) and inner and all(
+                isinstance(v, torch.Tensor) for v in inner.values()):
+            return dict(inner)
+    tensors = {k: v for k, v in obj.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise DisconError(f"checkpoint {path} holds no tensors at the top level nor under any of "
+                          f"{', '.join(WRAPPER_KEYS)}; top-level keys: "
+                          f"{', '.join(map(str, list(obj)[:MAX_LISTED]))}")
+    if len(tensors) != len(obj):
+        others = [k for k, v in obj.items() if not isinstance(v, torch.Tensor)]
+        raise DisconError(f"checkpoint {path} mixes tensors with other entries "
+                          f"({', '.join(map(str, others[:MAX_LISTED]))}); not a state dict")
+    return tensors
+
+
+def select(module: torch.nn.Module, state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Apply the module's ``checkpoint_prefix`` and ``checkpoint_drop`` to a state dict."""
+    prefix = getattr(module, "checkpoint_prefix", "")
+    drop = tuple(getattr(module, "checkpoint_drop", ()))
+    out = {}
+    for key, value in state.items():
+        if prefix:
+            if not key.startswith(prefix):
+                continue
+            key = key[len(prefix):]
+        if drop and key.startswith(drop):
+            continue
+        out[key] = value
+    return out
+
+
+def _listing(keys: list[str]) -> str:
+    shown = ", ".join(keys[:MAX_LISTED])
+    return shown + (f", ... ({len(keys) - MAX_LISTED} more)" if len(keys) > MAX_LISTED else "")
+
+
+def key_report(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> str:
+    """'' when ``state`` fits ``module`` exactly, else a readable list of what does not."""
+    expected = module.state_dict()
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    misshaped = [f"{k} (file {tuple(state[k].shape)}, model {tuple(expected[k].shape)})"
+                 for k in expected if k in state and state[k].shape != expected[k].shape]
+    lines = []
+    if missing:
+        lines.append(f"  missing keys ({len(missing)}): {_listing(missing)}")
+    if unexpected:
+        lines.append(f"  unexpected keys ({len(unexpected)}): {_listing(unexpected)}")
+    if misshaped:
+        lines.append(f"  mis-shaped keys ({len(misshaped)}): {_listing(misshaped)}")
+    return "\n".join(lines)
+
+
+def load_into(module: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
+    """Load a checkpoint file strictly into ``module`` (after prefix selection and drop-lists)."""
+    state = select(module, unwrap(load_file(path), path))
+    report = key_report(module, state)
+    if report:
+        prefix = getattr(module, "checkpoint_prefix", "")
+        note = f" (keys under {prefix!r})" if prefix else ""
+        raise DisconError(f"checkpoint {path} does not fit {type(module).__name__}{note}:\n"
+                          f"{report}")
+    module.load_state_dict(state, strict=True)
+    return module
+
+
+def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
+    """torch.save to a temp file in the same folder, fsync, then rename over ``path``.
+
+    A crash or a full disk leaves the previous file at ``path`` intact.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def download(url: str, dest: str | os.PathLike, sha256: str | None = None,
+             progress: bool = True) -> Path:
+    """Fetch ``url`` (http(s) or file://) to ``dest``: temp file, sha256 check, atomic rename.
+
+    On a checksum mismatch the download is deleted and the error gives expected vs got.
+    """
+    from tqdm.auto import tqdm
+
+    dest = Path(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
+    h = hashlib.sha256()
+    try:
+        with os.fdopen(fd, "wb") as out:
+            try:
+                response = urllib.request.urlopen(url, timeout=60)
+            except (urllib.error.URLError, OSError, ValueError) as e:
+                raise DisconError(f"cannot download {url}: {getattr(e, 'reason', e)}") from None
+            with response:
+                total = int(response.headers.get("Content-Length") or 0) or None
+                with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name,
+                          disable=not progress) as bar:
+                    while block := response.read(1 << 20):
+                        out.write(block)
+                        h.update(block)
+                        bar.update(len(block))
+        got = h.hexdigest()
+        if sha256 is not None and got != sha256.lower():
+            raise DisconError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {got}; "
+                              "the download was deleted")
+        os.replace(tmp, dest)
+    finally:
+        Path(tmp).unlink(missing_ok=True)
+    return dest
+
+
+def fetch(file: str, url: str | None = None, sha256: str | None = None,
+          what: str = "file") -> Path:
+    """A cached file under ``$DISCON_HOME/checkpoints``: reuse it, or download it, or explain."""
+    dest = discon_home() / "checkpoints" / file
+    if dest.is_file():
+        return dest
+    if url is None:
+        raise DisconError(f"{what}: expected file {dest} is missing and no download URL is "
+                          "known; put the file there or pass its path")
+    return download(url, dest, sha256)
+
+
+def fetch_preset_checkpoint(preset) -> Path:
+    """The local path of a preset's official weights (downloaded on first use)."""
+    src = preset.checkpoint
+    what = f"{preset.kind} preset {preset.name!r}"
+    if src is None:
+        raise DisconError(f"{what} has no published checkpoint; train one with `discon train` "
+                          "and pass its path with --checkpoint")
+    try:
+        return fetch(src.file, src.url, src.sha256, what=what)
+    except DisconError as e:
+        where = f" (get it from {src.url})" if src.url else (f" ({src.note})" if src.note else "")
+        raise DisconError(f"{e}{where}") from None

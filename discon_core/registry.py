@@ -1,0 +1,309 @@
+"""registry.yaml: load, validate, resolve presets, and ``build()`` components.
+
+A preset is plain data: which plugin factory builds it, the hyperparameters (official names),
+where its weights come from, and its recommended sampling settings::
+
+    prior:
+      rar-b:
+        factory: rar
+        description: RAR-B (261M)
+        params: {hidden_size: 768, num_hidden_layers: 24, ...}
+        checkpoint: {file: rar_b.bin, url: https://..., sha256: null}
+        sampling: {guidance_scale: 16.0, guidance_scale_pow: 2.75, randomize_temperature: 1.0}
+      rar-l:
+        extends: rar-b          # params and sampling merge over the parent's
+        params: {hidden_size: 1024}
+
+The built-in registry ships inside the package. A user registry (``--registry PATH`` or the
+``DISCON_REGISTRY`` environment variable) adds entries or replaces built-in ones of the same
+kind and name. Names that no registry lists but a plugin registers build with the factory's
+own defaults.
+"""
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+
+from . import hooks
+from .errors import DisconError, close_matches
+from .interfaces import KINDS, PROTOCOLS
+
+BUILTIN_REGISTRY = Path(__file__).with_name("registry.yaml")
+REGISTRY_ENV = "DISCON_REGISTRY"
+
+ENTRY_FIELDS = {
+    "factory": str,
+    "extends": str,
+    "description": str,
+    "params": dict,
+    "checkpoint": (dict, type(None)),
+    "sampling": dict,
+}
+CHECKPOINT_FIELDS = {"file": str, "url": (str, type(None)), "sha256": (str, type(None)),
+                     "note": str}
+
+
+@dataclass(frozen=True)
+class CheckpointSource:
+    """Where a preset's weights come from: a file name in the cache, a URL, a checksum."""
+
+    file: str
+    url: str | None = None
+    sha256: str | None = None
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class Preset:
+    """A fully resolved registry entry (``extends`` already applied)."""
+
+    kind: str
+    name: str
+    factory: str
+    params: dict[str, Any] = field(default_factory=dict)
+    checkpoint: CheckpointSource | None = None
+    sampling: dict[str, Any] = field(default_factory=dict)
+    description: str = ""
+    source: str = "<plugin default>"
+
+    def as_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"kind": self.kind, "name": self.name, "factory": self.factory,
+                               "description": self.description, "source": self.source,
+                               "params": self.params, "sampling": self.sampling}
+        if self.checkpoint is not None:
+            out["checkpoint"] = {k: v for k, v in vars(self.checkpoint).items() if v is not None}
+        return out
+
+
+_user_registry: Path | None = None
+_cache: dict[str, dict[str, tuple[dict, str]]] | None = None
+
+
+def set_user_registry(path: str | os.PathLike | None) -> None:
+    """Overlay a user registry file on the built-in one (None: only ``DISCON_REGISTRY``)."""
+    global _user_registry, _cache
+    _user_registry = Path(path) if path is not None else None
+    _cache = None
+
+
+def _type_name(t) -> str:
+    if isinstance(t, tuple):
+        return " or ".join("null" if x is type(None) else _type_name(x) for x in t)
+    return {dict: "mapping", str: "string", list: "list"}.get(t, t.__name__)
+
+
+def _validate_file(path: Path) -> dict[str, dict[str, dict]]:
+    """Parse and validate one registry file; errors name the file, entry and field."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise DisconError(f"cannot read registry file {path}: {e.strerror or e}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise DisconError(f"registry file {path} is not valid YAML: {e}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise DisconError(f"registry file {path}: top level must be a mapping of kinds "
+                          f"({', '.join(KINDS)}), got {type(data).__name__}")
+    for kind, entries in data.items():
+        if kind not in KINDS:
+            raise DisconError(f"registry file {path}: unknown kind {kind!r}; kinds are "
+                              f"{', '.join(KINDS)}{close_matches(str(kind), KINDS)}")
+        if not isinstance(entries, dict):
+            raise DisconError(f"registry file {path}: {kind} must map preset names to entries")
+        for name, entry in entries.items():
+            where = f"registry file {path}, entry {kind}/{name}"
+            if not isinstance(entry, dict):
+                raise DisconError(f"{where}: must be a mapping, got {type(entry).__name__}")
+            for key, value in entry.items():
+                if key not in ENTRY_FIELDS:
+                    raise DisconError(f"{where}: unknown field {key!r}; fields are "
+                                      f"{', '.join(ENTRY_FIELDS)}{close_matches(key, ENTRY_FIELDS)}")
+                if not isinstance(value, ENTRY_FIELDS[key]):
+                    raise DisconError(f"{where}, field {key!r}: expected "
+                                      f"{_type_name(ENTRY_FIELDS[key])}, got {type(value).__name__}")
+            if "factory" not in entry and "extends" not in entry:
+                raise DisconError(f"{where}: missing field 'factory' (or 'extends')")
+            ckpt = entry.get("checkpoint")
+            if ckpt is not None:
+                if "file" not in ckpt:
+                    raise DisconError(f"{where}, field 'checkpoint': missing 'file'")
+                for key, value in ckpt.items():
+                    if key not in CHECKPOINT_FIELDS:
+                        raise DisconError(f"{where}, field 'checkpoint': unknown key {key!r}; keys "
+                                          f"are {', '.join(CHECKPOINT_FIELDS)}")
+                    if not isinstance(value, CHECKPOINT_FIELDS[key]):
+                        raise DisconError(f"{where}, field 'checkpoint.{key}': expected "
+                                          f"{_type_name(CHECKPOINT_FIELDS[key])}, got "
+                                          f"{type(value).__name__}")
+                sha = ckpt.get("sha256")
+                if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
+                    raise DisconError(f"{where}, field 'checkpoint.sha256': expected 64 lowercase "
+                                      f"hex digits, got {sha!r}")
+    return data
+
+
+def _entries() -> dict[str, dict[str, tuple[dict, str]]]:
+    """kind -> name -> (raw entry, source file), built-in overlaid by the user registry."""
+    global _cache
+    if _cache is None:
+        files = [BUILTIN_REGISTRY]
+        user = _user_registry or (Path(os.environ[REGISTRY_ENV]) if os.environ.get(REGISTRY_ENV)
+                                  else None)
+        if user is not None:
+            if not user.is_file():
+                raise DisconError(f"user registry file {user} does not exist "
+                                  f"(from --registry or ${REGISTRY_ENV})")
+            files.append(user)
+        merged: dict[str, dict[str, tuple[dict, str]]] = {k: {} for k in KINDS}
+        for path in files:
+            for kind, entries in _validate_file(path).items():
+                for name, entry in entries.items():
+                    merged[kind][str(name)] = (entry, str(path))
+        _cache = merged
+    return _cache
+
+
+def _names(kind: str) -> set[str]:
+    return set(_entries()[kind]) | {n for (k, n) in hooks.factories() if k == kind}
+
+
+def resolve(kind: str, name: str) -> Preset:
+    """The preset ``kind``/``name`` with its ``extends`` chain applied."""
+    if kind not in KINDS:
+        raise DisconError(f"unknown kind {kind!r}; kinds are {', '.join(KINDS)}"
+                          f"{close_matches(kind, KINDS)}")
+    entries = _entries()[kind]
+    if name not in entries:
+        if (kind, name) in hooks.factories():
+            return Preset(kind=kind, name=name, factory=name)
+        known = _names(kind)
+        raise DisconError(f"unknown {kind} {name!r}{close_matches(name, known)}; "
+                          f"available: {', '.join(sorted(known)) or 'none'}")
+    chain: list[tuple[dict, str]] = []
+    seen: list[str] = []
+    current = name
+    while True:
+        if current in seen:
+            raise DisconError(f"registry entry {kind}/{name}: 'extends' cycle "
+                              f"{' -> '.join(seen + [current])}")
+        seen.append(current)
+        if current not in entries:
+            raise DisconError(f"registry entry {kind}/{seen[-2]} ({entries[seen[-2]][1]}): "
+                              f"extends unknown {kind} {current!r}"
+                              f"{close_matches(current, entries)}")
+        entry, src = entries[current]
+        chain.append((entry, src))
+        if "extends" not in entry:
+            break
+        current = entry["extends"]
+    params: dict[str, Any] = {}
+    sampling: dict[str, Any] = {}
+    factory = description = ""
+    checkpoint: CheckpointSource | None = None
+    for entry, _src in reversed(chain):  # root first, the named entry last
+        factory = entry.get("factory", factory)
+        description = entry.get("description", description)
+        params.update(copy.deepcopy(entry.get("params", {})))
+        sampling.update(copy.deepcopy(entry.get("sampling", {})))
+        if "checkpoint" in entry:
+            ck = entry["checkpoint"]
+            checkpoint = CheckpointSource(**ck) if ck is not None else None
+    return Preset(kind=kind, name=name, factory=factory, params=params, checkpoint=checkpoint,
+                  sampling=sampling, description=description, source=chain[0][1])
+
+
+def list_components(kind: str | None = None) -> dict[str, list[dict[str, str]]]:
+    """What the registry and the plugins provide: kind -> [{name, factory, plugin, description}]."""
+    if kind is not None and kind not in KINDS:
+        raise DisconError(f"unknown kind {kind!r}; kinds are {', '.join(KINDS)}"
+                          f"{close_matches(kind, KINDS)}")
+    facs = hooks.factories()
+    out: dict[str, list[dict[str, str]]] = {}
+    for k in [kind] if kind else list(KINDS):
+        rows = []
+        for name in sorted(_names(k)):
+            preset = resolve(k, name)
+            fac = facs.get((k, preset.factory))
+            rows.append({"name": name, "factory": preset.factory,
+                         "plugin": fac.plugin if fac else "<missing factory>",
+                         "description": preset.description})
+        out[k] = rows
+    return out
+
+
+def accepted_params(fn) -> list[str] | None:
+    """Keyword names a factory accepts (None when it takes **kwargs)."""
+    sig = inspect.signature(fn)
+    if any(p.kind is p.VAR_KEYWORD for p in sig.parameters.values()):
+        return None
+    return [n for n, p in sig.parameters.items()
+            if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
+
+
+def build(kind: str, name: str, *, checkpoint: str | os.PathLike | None = None,
+          device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+          **overrides: Any) -> torch.nn.Module:
+    """Build the component ``kind``/``name`` from its preset.
+
+    Args:
+        kind: dtok, ctok, prior, backbone or head.
+        name: a registry name (``discon plugins`` lists them).
+        checkpoint: None for random init (training from scratch); a path to an official
+            release file, a file written by discon, or a safetensors file; or ``"pretrained"``
+            for the preset's own checkpoint (looked up in ``$DISCON_HOME``, downloaded and
+            sha256-checked when the preset names a URL).
+        device: where to build; ``"meta"`` builds shapes only (no memory, no init).
+        dtype: cast parameters after loading (e.g. ``torch.bfloat16``).
+        **overrides: hyperparameters, by the official names; unknown names are an error.
+
+    Returns the module, in eval() mode when weights were loaded; ``module.discon_preset`` is the
+    resolved :class:`Preset` with the parameters actually used.
+    """
+    from . import checkpoints  # local: checkpoints imports registry types
+
+    preset = resolve(kind, name)
+    facs = hooks.factories()
+    fac = facs.get((kind, preset.factory))
+    if fac is None:
+        known = {n for (k, n) in facs if k == kind}
+        raise DisconError(f"{kind} preset {name!r} ({preset.source}) names factory "
+                          f"{preset.factory!r}, which no plugin registers"
+                          f"{close_matches(preset.factory, known)}")
+    accepted = accepted_params(fac.fn)
+    params = {**preset.params, **overrides}
+    if accepted is not None:
+        for source, names in (("override", overrides), (f"preset {kind}/{name} param", preset.params)):
+            unknown = sorted(set(names) - set(accepted))
+            if unknown:
+                raise DisconError(
+                    f"unknown {source} {', '.join(map(repr, unknown))} for {kind} {name!r} "
+                    f"(factory {fac.name!r} from {fac.plugin}); accepted: {', '.join(accepted)}")
+    with torch.device(device if device is not None else "cpu"):
+        module = fac.fn(**params)
+    protocol = PROTOCOLS[kind]
+    if not isinstance(module, protocol):
+        raise DisconError(f"factory {fac.name!r} from plugin {fac.plugin!r} returned "
+                          f"{type(module).__name__}, which does not satisfy {protocol.__name__} "
+                          f"(see discon_core/interfaces.py)")
+    if checkpoint is not None:
+        path = (checkpoints.fetch_preset_checkpoint(preset) if str(checkpoint) == "pretrained"
+                else Path(checkpoint))
+        checkpoints.load_into(module, path)
+        module.eval()
+    if dtype is not None:
+        module.to(dtype=dtype)
+    module.discon_preset = Preset(kind=kind, name=name, factory=preset.factory, params=params,
+                                  checkpoint=preset.checkpoint, sampling=preset.sampling,
+                                  description=preset.description, source=preset.source)
+    return module

@@ -1,0 +1,169 @@
+"""Transformer building blocks shared by every plugin: attention with a selectable backend,
+the timm-style MLP, and the pre-norm ViT block that MAR uses.
+
+Attention backends (``attn_backend``):
+
+* ``"xformers"``: ``xformers.ops.memory_efficient_attention``; needs xformers and CUDA fp16/bf16;
+* ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` (flash / mem-efficient / math,
+  picked by torch);
+* ``"math"``: explicit ``softmax(q k^T * scale) v`` in fp32, for checking the others;
+* ``"auto"`` (default): xformers when it imports and the tensors are CUDA fp16/bf16, else sdpa.
+
+The backend actually used is logged once per process and backend, never silently switched.
+"""
+from __future__ import annotations
+
+import logging
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from discon_core.errors import DisconError
+
+log = logging.getLogger("discon.attention")
+BACKENDS = ("auto", "sdpa", "xformers", "math")
+_announced: set[str] = set()
+
+try:  # optional extra: pip install 'discon[xformers]'
+    import xformers.ops as xops
+except Exception:  # noqa: BLE001 - any import failure means "not available"
+    xops = None
+
+
+def _announce(backend: str) -> None:
+    if backend not in _announced:
+        _announced.add(backend)
+        log.info("attention backend: %s", backend)
+
+
+def pick_backend(requested: str, q: torch.Tensor) -> str:
+    """Resolve ``requested`` for tensors like ``q``; an explicit unusable choice is an error."""
+    if requested not in BACKENDS:
+        raise DisconError(f"unknown attn_backend {requested!r}; choose one of {', '.join(BACKENDS)}")
+    xformers_ok = xops is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    if requested == "auto":
+        return "xformers" if xformers_ok else "sdpa"
+    if requested == "xformers" and not xformers_ok:
+        why = "xformers is not installed" if xops is None else "tensors are not CUDA fp16/bf16"
+        raise DisconError(f"attn_backend='xformers' requested but {why}; use 'sdpa' or 'auto'")
+    return requested
+
+
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str = "auto",
+              causal: bool = False, attn_mask: torch.Tensor | None = None,
+              dropout_p: float = 0.0) -> torch.Tensor:
+    """Multi-head attention on ``[B, H, L, Dh]`` tensors -> ``[B, H, Lq, Dh]``.
+
+    ``attn_mask`` is additive (float, broadcastable to ``[B, H, Lq, Lk]``); ``causal`` aligns the
+    last query with the last key (so it also works with a KV cache).
+    """
+    backend = pick_backend(backend, q)
+    _announce(backend)
+    if backend == "xformers":
+        bias = None
+        if causal:
+            bias = xops.LowerTriangularFromBottomRightMask()
+        elif attn_mask is not None:
+            bias = attn_mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        out = xops.memory_efficient_attention(
+            q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_bias=bias, p=dropout_p)
+        return out.transpose(1, 2)
+    if backend == "sdpa":
+        if causal and q.shape[2] != k.shape[2]:  # SDPA's is_causal is top-left aligned
+            attn_mask, causal = _bottom_right_causal(q.shape[2], k.shape[2], q.device, q.dtype), False
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
+                                              is_causal=causal)
+    scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5
+    if causal:
+        scores = scores + _bottom_right_causal(q.shape[2], k.shape[2], q.device, torch.float32)
+    if attn_mask is not None:
+        scores = scores + attn_mask.float()
+    probs = scores.softmax(dim=-1)
+    if dropout_p > 0:
+        probs = F.dropout(probs, p=dropout_p)
+    return (probs @ v.float()).to(q.dtype)
+
+
+def _bottom_right_causal(lq: int, lk: int, device, dtype) -> torch.Tensor:
+    allowed = torch.ones(lq, lk, dtype=torch.bool, device=device).tril(diagonal=lk - lq)
+    return torch.zeros(lq, lk, device=device, dtype=dtype).masked_fill(~allowed, float("-inf"))
+
+
+class Attention(nn.Module):
+    """timm/RAR self-attention: fused ``qkv``, optional per-head q/k LayerNorm, ``proj``.
+
+    Key names (``qkv``, ``q_norm``, ``k_norm``, ``proj``) match timm's ``Attention`` and RAR's,
+    so official checkpoints load as they are.
+    """
+
+    def __init__(self, dim: int, num_heads: int, *, qkv_bias: bool = True, qk_norm: bool = False,
+                 norm_eps: float = 1e-6, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 attn_backend: str = "auto"):
+        super().__init__()
+        if dim % num_heads:
+            raise DisconError(f"attention dim {dim} is not divisible by num_heads {num_heads}")
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.attn_backend = attn_backend
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.q_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
+        self.k_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
+        self.attn_drop = attn_drop
+        self.proj = nn.Linear(dim, dim)
+        self.proj_drop = nn.Dropout(proj_drop)
+
+    def forward(self, x: torch.Tensor, *, causal: bool = False,
+                attn_mask: torch.Tensor | None = None,
+                kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+                return_kv: bool = False):
+        """x [B, L, dim] -> [B, L, dim].
+
+        With ``kv_cache=(k, v)`` the new keys/values are appended to the cached ones; with
+        ``return_kv`` the (full) keys/values are returned too, for the caller's cache.
+        """
+        b, n, c = x.shape
+        qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if kv_cache is not None:
+            k = torch.cat([kv_cache[0], k], dim=2)
+            v = torch.cat([kv_cache[1], v], dim=2)
+        out = attention(q, k, v, backend=self.attn_backend, causal=causal, attn_mask=attn_mask,
+                        dropout_p=self.attn_drop if self.training else 0.0)
+        out = self.proj_drop(self.proj(out.transpose(1, 2).reshape(b, n, c)))
+        return (out, (k, v)) if return_kv else out
+
+
+class Mlp(nn.Module):
+    """fc1 -> exact GELU -> dropout -> fc2 -> dropout (timm ``Mlp``; keys fc1, fc2)."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.drop1 = nn.Dropout(drop)
+        self.fc2 = nn.Linear(hidden, dim)
+        self.drop2 = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+
+
+class Block(nn.Module):
+    """Pre-norm ViT block (timm ``vision_transformer.Block``, as MAR uses it):
+    ``x + attn(norm1(x))``, then ``x + mlp(norm2(x))``. Keys: norm1, attn.*, norm2, mlp.*."""
+
+    def __init__(self, dim: int, num_heads: int, mlp_ratio: float = 4.0, *,
+                 norm_eps: float = 1e-6, attn_drop: float = 0.0, proj_drop: float = 0.0,
+                 attn_backend: str = "auto"):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
+        self.attn = Attention(dim, num_heads, qkv_bias=True, attn_drop=attn_drop,
+                              proj_drop=proj_drop, attn_backend=attn_backend)
+        self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
+        self.mlp = Mlp(dim, int(dim * mlp_ratio), drop=proj_drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.attn(self.norm1(x))
+        return x + self.mlp(self.norm2(x))
