@@ -8,10 +8,11 @@ from .errors import DisconError
 from .interfaces import (ConditionalBackbone, ContinuousHead, ContinuousTokenizer,
                          DiscretePrior, DiscreteTokenizer)
 from .registry import build, list_components, resolve
+from .pipeline import Pipeline, sample_tokens
 
 __all__ = [
     "DisconError", "build", "list_components", "resolve",
     "DiscreteTokenizer", "ContinuousTokenizer", "DiscretePrior", "ConditionalBackbone",
-    "ContinuousHead",
+    "ContinuousHead", "Pipeline", "sample_tokens",
 ]
 __version__ = "0.1.0"

@@ -223,7 +223,11 @@ def fetch(file: str, url: str | None = None, sha256: str | None = None,
     if url is None:
         raise DisconError(f"{what}: expected file {dest} is missing and no download URL is "
                           "known; put the file there or pass its path")
-    return download(url, dest, sha256)
+    try:
+        return download(url, dest, sha256)
+    except DisconError as e:
+        raise DisconError(f"{what}: expected file {dest} is missing and the download failed: "
+                          f"{e}") from None
 
 
 def fetch_preset_checkpoint(preset) -> Path:

@@ -51,8 +51,179 @@ def _cmd_show(args) -> int:
     return 0
 
 
+def _add_cache(sub) -> None:
+    p = sub.add_parser("cache", help="pre-tokenize a dataset: discrete ids + continuous moments "
+                                     "of each image and its flip, into verified shards")
+    p.add_argument("--data", required=True, help="fashion-mnist | folder")
+    p.add_argument("--data-root", help="dataset folder (folder: ImageNet-style class folders; "
+                                       "fashion-mnist: IDX files, default the Debian package's)")
+    p.add_argument("--split", default=None, help="fashion-mnist split: train | test")
+    p.add_argument("--limit", type=int, default=None, help="fashion-mnist: first N items only")
+    p.add_argument("--image-size", type=int, default=None, help="folder: centre-crop size")
+    p.add_argument("--dtok", required=True, help="discrete tokenizer preset")
+    p.add_argument("--dtok-checkpoint", help="its weights: a path or 'pretrained'")
+    p.add_argument("--ctok", required=True, help="continuous tokenizer preset")
+    p.add_argument("--ctok-checkpoint", help="its weights: a path or 'pretrained'")
+    p.add_argument("--out", required=True, help="cache folder (rerun to resume)")
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=64)
+    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_cache)
+
+
+def _cmd_cache(args) -> int:
+    from .cache import build_cache
+
+    data = {"type": args.data}
+    for key, value in (("root", args.data_root), ("split", args.split), ("limit", args.limit),
+                       ("image_size", args.image_size)):
+        if value is not None:
+            data[key] = value
+    path = build_cache(data, args.out, dtok=args.dtok, ctok=args.ctok,
+                       dtok_checkpoint=args.dtok_checkpoint, ctok_checkpoint=args.ctok_checkpoint,
+                       shard_size=args.shard_size, batch_size=args.batch_size, device=args.device,
+                       progress=not args.no_progress)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(f"cache manifest: {path}")
+    return 0
+
+
+def _add_train(sub) -> None:
+    p = sub.add_parser("train", help="train backbone+head, a prior or a tokenizer from a YAML "
+                                     "config (single process or under torchrun)")
+    p.add_argument("config", help="training config (YAML, see configs/)")
+    p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
+                   help="continue exactly from CHECKPOINT (default: OUT/checkpoint-last.pth)")
+    p.add_argument("--out", help="output folder (overrides the config's out)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (dotted, YAML value), e.g. --set steps=200")
+    p.set_defaults(func=_cmd_train)
+
+
+def _cmd_train(args) -> int:
+    from .train import TrainConfig, train
+
+    overrides = list(args.set) + ([f"out={args.out}"] if args.out else [])
+    path = train(TrainConfig.load(args.config, overrides), resume=args.resume)
+    if int(__import__("os").environ.get("RANK", "0")) == 0:
+        print(f"checkpoint: {path}")
+    return 0
+
+
+def _add_study(sub) -> None:
+    p = sub.add_parser("study", help="CPU-scale study: train tiny tokenizers -> cache -> train "
+                                     "DisCon + prior -> sample a grid (finished stages reused)")
+    p.add_argument("config", help="study config (YAML), e.g. configs/fmnist_cpu.yaml")
+    p.add_argument("--out", help="output folder (overrides the config's out)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (dotted, YAML value), e.g. --set stages.discon.steps=50")
+    p.set_defaults(func=_cmd_study)
+
+
+def _cmd_study(args) -> int:
+    from .study import run_study
+
+    overrides = list(args.set) + ([f"out={args.out}"] if args.out else [])
+    grid = run_study(args.config, overrides)
+    print(f"samples: {grid}")
+    return 0
+
+
+def _add_run(sub) -> None:
+    p = sub.add_parser(
+        "run", help="generate images: prior -> discrete grid -> backbone + head -> ctok decode",
+        description="Sample class-conditional images. With --prior and a discon-* backbone: "
+                    "DisCon; with --prior and --dtok only: the discrete pipeline (RAR + MaskGIT); "
+                    "with a backbone and --ctok but no prior: MAR.")
+    p.add_argument("--prior", help="discrete prior preset, e.g. rar-xxl")
+    p.add_argument("--dtok", help="discrete tokenizer preset (default maskgit-vq with a prior "
+                                  "and no backbone)")
+    p.add_argument("--backbone", help="backbone preset (default discon-l with a prior and --ctok)")
+    p.add_argument("--head", help="head preset (default: the backbone's name)")
+    p.add_argument("--ctok", help="continuous tokenizer preset, e.g. va-vae")
+    for kind in ("prior", "dtok", "backbone", "head", "ctok"):
+        p.add_argument(f"--{kind}-checkpoint", default=None, metavar="PATH",
+                       help="weights: a path, 'pretrained' (released weights; the default) or "
+                            "'none' (random init)" + (" (default: the backbone's file)"
+                                                      if kind == "head" else ""))
+    p.add_argument("--num", type=int, default=8, help="number of images (default 8)")
+    p.add_argument("--labels", default=None,
+                   help="comma-separated class ids, cycled to --num (default: random classes)")
+    p.add_argument("--ar-steps", type=int, default=16, help="continuous-stage AR steps (16)")
+    p.add_argument("--head-steps", default=None, help="head sampling steps (default: preset)")
+    p.add_argument("--prior-cfg", type=float, default=None, help="prior guidance (default: preset)")
+    p.add_argument("--temperature", type=float, default=None, help="prior temperature (preset)")
+    p.add_argument("--cfg", type=float, default=None, help="continuous-stage CFG (default 1: off)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    p.add_argument("--out", default="samples", help="output folder (grid.png + one PNG per image)")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_run)
+
+
+def _cmd_run(args) -> int:
+    import time
+
+    import torch
+
+    from .images import save_grid, save_images
+    from .pipeline import Pipeline
+
+    if args.num < 1:
+        raise DisconError(f"--num must be >= 1, got {args.num}")
+    if args.batch_size < 1:
+        raise DisconError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise DisconError("--device cuda requested but CUDA is not available; use --device cpu")
+    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    backbone, dtok = args.backbone, args.dtok
+    if args.prior and backbone is None and args.ctok:
+        backbone = "discon-l"
+    if args.prior and backbone is None and dtok is None:
+        dtok = "maskgit-vq"
+    ckpts = {}
+    for kind in ("prior", "dtok", "backbone", "head", "ctok"):
+        value = getattr(args, f"{kind}_checkpoint")
+        if value is not None:
+            ckpts[kind] = None if value.lower() == "none" else value
+    pipe = Pipeline.from_names(prior=args.prior, dtok=dtok, backbone=backbone, head=args.head,
+                               ctok=args.ctok, checkpoints=ckpts, device=device)
+    num_classes = pipe.prior.num_classes if pipe.prior is not None else pipe.backbone.class_num
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    if args.labels:
+        try:
+            ids = [int(v) for v in args.labels.split(",") if v.strip()]
+        except ValueError:
+            raise DisconError(f"--labels must be comma-separated integers, got {args.labels!r}") from None
+        if not ids:
+            raise DisconError("--labels is empty")
+        labels = torch.tensor([ids[i % len(ids)] for i in range(args.num)])
+    else:
+        labels = torch.randint(0, num_classes, (args.num,),
+                               generator=torch.Generator().manual_seed(args.seed))
+    head_steps = args.head_steps
+    images, start = [], time.perf_counter()
+    for i in range(0, args.num, args.batch_size):
+        images.append(pipe.generate(labels[i:i + args.batch_size], ar_steps=args.ar_steps,
+                                    prior_cfg=args.prior_cfg, temperature=args.temperature,
+                                    cfg_scale=args.cfg, head_steps=head_steps,
+                                    generator=generator, progress=not args.no_progress).cpu())
+    if device == "cuda":
+        torch.cuda.synchronize()
+    elapsed = time.perf_counter() - start
+    images = torch.cat(images)
+    grid = save_grid(images, f"{args.out}/grid.png")
+    save_images(images, args.out)
+    print(f"{pipe.mode}: {args.num} images in {elapsed:.2f} s = {elapsed / args.num:.3f} sec/img "
+          f"on {device}; labels {labels.tolist()}")
+    print(f"wrote {grid} and {args.num} PNGs in {args.out}")
+    return 0
+
+
 # Sub-commands, in --help order. Later modules add theirs here.
-SUBCOMMANDS = [_add_plugins, _add_show]
+SUBCOMMANDS = [_add_plugins, _add_show, _add_cache, _add_train, _add_study, _add_run]
 
 
 def build_parser() -> argparse.ArgumentParser:

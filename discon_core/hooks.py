@@ -83,6 +83,14 @@ def plugin_manager() -> pluggy.PluginManager:
     return _manager
 
 
+def register_plugin(plugin: object, name: str | None = None) -> None:
+    """Register a plugin object (a module or any object with the hook) programmatically,
+    e.g. from a notebook; its factories are visible on the next ``factories()`` call."""
+    global _factories
+    plugin_manager().register(plugin, name=name)
+    _factories = None
+
+
 def reset() -> None:
     """Forget the plugin manager and factories (re-discovers entry points on next use)."""
     global _manager, _factories

@@ -27,8 +27,27 @@ _announced: set[str] = set()
 
 try:  # optional extra: pip install 'discon[xformers]'
     import xformers.ops as xops
+    from xformers.ops.fmha.attn_bias import LowerTriangularFromBottomRightMask
 except Exception:  # noqa: BLE001 - any import failure means "not available"
     xops = None
+_xformers_works: bool | None = None  # probed once on CUDA: a wheel can import without kernels
+
+
+def _xformers_usable(q: torch.Tensor) -> bool:
+    """xformers imports AND runs on this GPU (a wheel built for another torch has no kernels)."""
+    global _xformers_works
+    if xops is None or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return False
+    if _xformers_works is None:
+        try:
+            t = torch.zeros(1, 8, 1, 64, device=q.device, dtype=q.dtype)
+            xops.memory_efficient_attention(t, t, t)
+            _xformers_works = True
+        except Exception as e:  # noqa: BLE001 - report once, loudly, then use sdpa
+            _xformers_works = False
+            log.warning("xformers is installed but cannot run here (%s: %s); attention uses "
+                        "sdpa instead", type(e).__name__, str(e).splitlines()[0])
+    return _xformers_works
 
 
 def _announce(backend: str) -> None:
@@ -41,11 +60,13 @@ def pick_backend(requested: str, q: torch.Tensor) -> str:
     """Resolve ``requested`` for tensors like ``q``; an explicit unusable choice is an error."""
     if requested not in BACKENDS:
         raise DisconError(f"unknown attn_backend {requested!r}; choose one of {', '.join(BACKENDS)}")
-    xformers_ok = xops is not None and q.is_cuda and q.dtype in (torch.float16, torch.bfloat16)
+    xformers_ok = _xformers_usable(q)
     if requested == "auto":
         return "xformers" if xformers_ok else "sdpa"
     if requested == "xformers" and not xformers_ok:
-        why = "xformers is not installed" if xops is None else "tensors are not CUDA fp16/bf16"
+        why = ("xformers is not installed" if xops is None else
+               "tensors are not CUDA fp16/bf16" if not (q.is_cuda and q.dtype in (
+                   torch.float16, torch.bfloat16)) else "xformers has no working kernels here")
         raise DisconError(f"attn_backend='xformers' requested but {why}; use 'sdpa' or 'auto'")
     return requested
 
@@ -63,7 +84,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
     if backend == "xformers":
         bias = None
         if causal:
-            bias = xops.LowerTriangularFromBottomRightMask()
+            bias = LowerTriangularFromBottomRightMask()
         elif attn_mask is not None:
             bias = attn_mask.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
         out = xops.memory_efficient_attention(
@@ -88,6 +109,31 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
 def _bottom_right_causal(lq: int, lk: int, device, dtype) -> torch.Tensor:
     allowed = torch.ones(lq, lk, dtype=torch.bool, device=device).tril(diagonal=lk - lq)
     return torch.zeros(lq, lk, device=device, dtype=dtype).masked_fill(~allowed, float("-inf"))
+
+
+class KVCache:
+    """Preallocated keys/values ``[B, H, capacity, Dh]`` of one attention layer, for decoding.
+
+    ``append`` writes the new keys/values in place, so a decoding step costs the same at the
+    first token and at the last (a ``torch.cat`` cache copies the whole prefix every step).
+    """
+
+    def __init__(self, batch: int, num_heads: int, capacity: int, head_dim: int, *,
+                 device=None, dtype=None):
+        self.k = torch.empty(batch, num_heads, capacity, head_dim, device=device, dtype=dtype)
+        self.v = torch.empty_like(self.k)
+        self.length = 0
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store ``k, v [B, H, L_new, Dh]``; return views of all keys/values so far."""
+        end = self.length + k.shape[2]
+        if end > self.k.shape[2]:
+            raise DisconError(f"KV cache overflow: {end} positions for a capacity of "
+                              f"{self.k.shape[2]}")
+        self.k[:, :, self.length:end] = k
+        self.v[:, :, self.length:end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
 
 
 class Attention(nn.Module):
@@ -115,18 +161,21 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, *, causal: bool = False,
                 attn_mask: torch.Tensor | None = None,
-                kv_cache: tuple[torch.Tensor, torch.Tensor] | None = None,
+                kv_cache: KVCache | tuple[torch.Tensor, torch.Tensor] | None = None,
                 return_kv: bool = False):
         """x [B, L, dim] -> [B, L, dim].
 
         With ``kv_cache=(k, v)`` the new keys/values are appended to the cached ones; with
-        ``return_kv`` the (full) keys/values are returned too, for the caller's cache.
+        ``return_kv`` the (full) keys/values are returned too, for the caller's cache. A
+        :class:`KVCache` is filled in place instead.
         """
         b, n, c = x.shape
         qkv = self.qkv(x).reshape(b, n, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        if kv_cache is not None:
+        if isinstance(kv_cache, KVCache):
+            k, v = kv_cache.append(k, v)
+        elif kv_cache is not None:
             k = torch.cat([kv_cache[0], k], dim=2)
             v = torch.cat([kv_cache[1], v], dim=2)
         out = attention(q, k, v, backend=self.attn_backend, causal=causal, attn_mask=attn_mask,

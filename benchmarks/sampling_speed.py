@@ -1,0 +1,138 @@
+"""Continuous-stage sampling speed (Table 2 analogue): AR steps x head, ours vs official MAR.
+
+Same random weights, same backbone size and head: the time to sample the continuous tokens
+(backbone + head, no tokenizer, no prior) at 16 AR steps (DisCon) vs MAR's 64 and 256, with
+the diffusion head (100 steps) and the flow head (25 Euler steps), and the share of time spent
+in the head. With ``--official PATH`` (a checkout of LTH14/mar; needs ``timm``) the official
+``MAR.sample_tokens`` is timed in the same run, interleaved with ours (this machine is noisy),
+on the same weights. Run::
+
+    python benchmarks/sampling_speed.py --size mar-b --batch 1 --ar-steps 16,64 \
+        --official ../mar-checkout
+
+Prints one row per configuration and the ratios measured in this run.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from discon_core import build, sample_tokens
+
+
+class Timer:
+    """Wraps a callable and accumulates its wall time (here: the head's sample)."""
+
+    def __init__(self, fn):
+        self.fn, self.seconds = fn, 0.0
+
+    def __call__(self, *args, **kwargs):
+        start = time.perf_counter()
+        try:
+            return self.fn(*args, **kwargs)
+        finally:
+            self.seconds += time.perf_counter() - start
+
+
+def randomize(module: torch.nn.Module, seed: int) -> None:
+    """Visible random weights (MAR's init zeroes the head output; timing is weight-independent)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * (0.02 if p.dim() > 1 else 0.1))
+
+
+def load_official(path: Path, size: str, state: dict, kwargs: dict):
+    """The official MAR on CPU with our weights (``.cuda()`` calls become no-ops)."""
+    sys.path.insert(0, str(path))
+    torch.Tensor.cuda = lambda self, *a, **k: self  # the reference hard-codes .cuda()
+    from models import mar as official  # noqa: PLC0415 - optional, from the given checkout
+    factory = {"mar-b": official.mar_base, "mar-l": official.mar_large, "mar-h": official.mar_huge}[size]
+    model = factory(**kwargs)
+    model.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size", default="mar-b", choices=["mar-b", "mar-l", "mar-h"])
+    ap.add_argument("--batch", type=int, default=1)
+    ap.add_argument("--ar-steps", default="16,64,256", help="comma-separated AR step counts")
+    ap.add_argument("--flow-steps", type=int, default=25)
+    ap.add_argument("--official", type=Path, default=None, help="LTH14/mar checkout (optional)")
+    ap.add_argument("--official-max-steps", type=int, default=256,
+                    help="skip the official run above this many AR steps (it is the slow one)")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    steps_list = [int(s) for s in args.ar_steps.split(",")]
+
+    bb = build("backbone", args.size).eval()
+    diff = build("head", args.size).eval()
+    flow = build("head", "flow", **{k: v for k, v in bb.discon_preset.params.items()
+                                    if k != "num_sampling_steps"}).eval()
+    randomize(bb, 0), randomize(diff, 1), randomize(flow, 2)
+    ours = {"diffusion": Timer(diff.sample), "flow": Timer(flow.sample)}
+    diff.sample, flow.sample = ours["diffusion"], ours["flow"]
+    official = None
+    if args.official is not None:
+        state = dict(bb.state_dict())
+        state.update({f"diffloss.{k}": v for k, v in diff.state_dict().items()})
+        kw = {k: bb.discon_preset.params[k] for k in ("img_size", "vae_stride", "patch_size",
+              "vae_embed_dim", "buffer_size", "class_num", "diffloss_d", "diffloss_w",
+              "num_sampling_steps")}
+        official = load_official(args.official, args.size, state, kw)
+        off_timer = Timer(official.diffloss.sample)
+        official.diffloss.sample = off_timer
+    labels = torch.arange(args.batch) % 1000
+    print(f"{args.size}, batch {args.batch}, {torch.get_num_threads()} threads; "
+          f"diffusion head {diff.num_sampling_steps} steps, flow head {args.flow_steps} Euler steps")
+    print(f"{'model':<22}{'AR steps':>9}{'total s':>10}{'head s':>9}{'head %':>8}")
+    results = {}
+
+    def row(name, steps, total, head_s):
+        results[(name, steps)] = total
+        print(f"{name:<22}{steps:>9}{total:>10.2f}{head_s:>9.2f}{100 * head_s / total:>7.0f}%",
+              flush=True)
+
+    with torch.no_grad():
+        for steps in steps_list:  # interleave: official, ours (diffusion), ours (flow)
+            if official is not None and steps <= args.official_max_steps:
+                off_timer.seconds = 0.0
+                torch.manual_seed(0)
+                start = time.perf_counter()
+                official.sample_tokens(bsz=args.batch, num_iter=steps, labels=labels)
+                row("official MAR (diff)", steps, time.perf_counter() - start, off_timer.seconds)
+            for name, head in (("ours diffusion", diff), ("ours flow", flow)):
+                timer = ours[name.split()[1]]
+                timer.seconds = 0.0
+                start = time.perf_counter()
+                sample_tokens(bb, head, labels, ar_steps=steps,
+                              head_steps=args.flow_steps if name == "ours flow" else None,
+                              generator=torch.Generator().manual_seed(0))
+                row(name, steps, time.perf_counter() - start, timer.seconds)
+
+    print("\nratios (same run):")
+    base = min(steps_list)
+    for steps in steps_list:
+        if steps != base and ("ours diffusion", steps) in results:
+            print(f"  ours diffusion {steps} / {base} AR steps: "
+                  f"{results[('ours diffusion', steps)] / results[('ours diffusion', base)]:.2f}x slower")
+        if ("official MAR (diff)", steps) in results:
+            off = results[("official MAR (diff)", steps)]
+            print(f"  official / ours diffusion at {steps} AR steps: "
+                  f"{off / results[('ours diffusion', steps)]:.2f}x")
+            print(f"  official at {steps} / ours flow at {base} AR steps: "
+                  f"{off / results[('ours flow', base)]:.2f}x")
+    for steps in steps_list:
+        print(f"  ours diffusion / ours flow at {steps} AR steps: "
+              f"{results[('ours diffusion', steps)] / results[('ours flow', steps)]:.2f}x")
+
+
+if __name__ == "__main__":
+    main()

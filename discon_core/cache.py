@@ -1,0 +1,327 @@
+"""Pre-tokenization cache: discrete ids and continuous posterior moments of every image and of
+its horizontal flip, computed once (as MAR's ``main_cache.py`` does for its latents), so that
+training never runs a tokenizer.
+
+Layout of a cache folder::
+
+    manifest.json              presets, parameters, checkpoint paths + sha256, dataset, counts
+    shard-00000.safetensors    index int64 [n]; labels int64 [n];
+                               tokens int32 [n, 2, h, w]          (view 0 = image, 1 = its flip)
+                               moments float32 [n, 2, 2C, h, w]   (raw mean ++ logvar, as quant_conv)
+    shard-00000.json           count, sha256 of the shard file, skipped images
+
+Shards are written atomically (temp file + rename, then the sidecar), so a crash leaves either a
+finished shard or none; a rerun skips every shard whose sidecar and checksum agree (resume).
+Under ``torchrun`` rank r writes shards r, r+world, ...; rank 0 writes the manifest at the end.
+Readers check the manifest's presets against what the model expects and verify each shard's
+sha256 before first use, naming the corrupt shard.
+
+Command line::
+
+    discon cache --data fashion-mnist --dtok maskgit-vq-tiny --dtok-checkpoint dtok.pth \\
+        --ctok va-vae-tiny --ctok-checkpoint ctok.pth --out runs/cache
+    torchrun --nproc_per_node 8 -m discon_core.cli cache --data folder --data-root /imagenet/train \\
+        --image-size 256 --dtok maskgit-vq --dtok-checkpoint pretrained --ctok va-vae \\
+        --ctok-checkpoint pretrained --out /cache/imagenet256
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .checkpoints import sha256_of
+from .errors import DisconError
+
+log = logging.getLogger(__name__)
+
+FORMAT = "discon-cache/1"
+MANIFEST = "manifest.json"
+
+
+def shard_name(k: int) -> str:
+    return f"shard-{k:05d}"
+
+
+def _write_json_atomic(obj: Any, path: Path) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=False)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    from safetensors.torch import save_file
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file({k: v.contiguous() for k, v in tensors.items()}, tmp)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def component_record(module: torch.nn.Module, checkpoint: str | os.PathLike | None) -> dict:
+    """What the manifest says about a tokenizer: preset name, parameters, weights file + sha256."""
+    preset = getattr(module, "discon_preset", None)
+    record: dict[str, Any] = {"preset": preset.name if preset else type(module).__name__,
+                              "params": preset.params if preset else {}}
+    if checkpoint is None:
+        record.update(checkpoint=None, sha256=None)
+    else:
+        path = Path(checkpoint)
+        if str(checkpoint) == "pretrained" and preset is not None:
+            from .checkpoints import fetch_preset_checkpoint
+            path = fetch_preset_checkpoint(preset)
+        record.update(checkpoint=str(path.resolve()), sha256=sha256_of(path))
+    return record
+
+
+def _same_component(a: Mapping, b: Mapping) -> bool:
+    return a.get("preset") == b.get("preset") and a.get("sha256") == b.get("sha256") \
+        and a.get("params") == b.get("params")
+
+
+def _describe(rec: Mapping) -> str:
+    sha = rec.get("sha256")
+    return f"{rec.get('preset')!r} (weights {'sha256 ' + sha[:12] if sha else 'random init'})"
+
+
+@torch.no_grad()
+def encode_batch(images: torch.Tensor, dtok, ctok) -> tuple[torch.Tensor, torch.Tensor]:
+    """images [B,3,H,W] in [0,1] -> (tokens int32 [B,2,h,w], moments float32 [B,2,2C,h,w]),
+    view 1 being the horizontally flipped image."""
+    both = torch.cat([images, images.flip(-1)])
+    tokens = dtok.encode(both)
+    moments = ctok.encode_moments(both).float()
+    b = images.shape[0]
+    if tokens.shape[-2:] != moments.shape[-2:]:
+        raise DisconError(f"dtok and ctok grids differ: tokens {tuple(tokens.shape[-2:])}, "
+                          f"moments {tuple(moments.shape[-2:])}; DisCon needs both views on the "
+                          "same grid (choose tokenizers with the same downsampling)")
+    tokens = torch.stack([tokens[:b], tokens[b:]], 1).to(torch.int32)
+    moments = torch.stack([moments[:b], moments[b:]], 1)
+    return tokens.cpu(), moments.cpu()
+
+
+def build_cache(data: Mapping[str, Any], out: str | os.PathLike, *, dtok: str,
+                ctok: str, dtok_checkpoint: str | None = None, ctok_checkpoint: str | None = None,
+                shard_size: int = 1000, batch_size: int = 64, device: str | None = None,
+                progress: bool = True) -> Path:
+    """Pre-tokenize the dataset ``data`` (a :func:`discon_core.data.build_dataset` mapping) into
+    ``out``; resumable and torchrun-parallel. Returns the manifest path."""
+    from tqdm.auto import tqdm
+
+    from .data import build_dataset
+    from .registry import build
+    from .train import setup_distributed, teardown_distributed
+
+    if shard_size <= 0 or batch_size <= 0:
+        raise DisconError(f"shard_size and batch_size must be positive, got {shard_size}, "
+                          f"{batch_size}")
+    rank, world, dev = setup_distributed(device)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = build_dataset(data)
+    torch.manual_seed(0)  # random-init tokenizers (tests) must agree across ranks too
+    dt = build("dtok", dtok, checkpoint=dtok_checkpoint, device=dev).eval()
+    ct = build("ctok", ctok, checkpoint=ctok_checkpoint, device=dev).eval()
+    if not hasattr(ct, "encode_moments"):
+        raise DisconError(f"ctok {ctok!r} has no encode_moments(); the cache stores raw "
+                          "posterior moments (contract extension for continuous tokenizers)")
+    num_shards = math.ceil(len(dataset) / shard_size)
+    plan = {"format": FORMAT, "complete": False,
+            "dtok": component_record(dt, dtok_checkpoint),
+            "ctok": component_record(ct, ctok_checkpoint),
+            "data": dict(data), "num_items": len(dataset),
+            "num_classes": int(dataset.num_classes), "shard_size": shard_size,
+            "num_shards": num_shards}
+    manifest_path = out / MANIFEST
+    if manifest_path.is_file():
+        old = json.loads(manifest_path.read_text())
+        for kind in ("dtok", "ctok"):
+            if not _same_component(old.get(kind, {}), plan[kind]):
+                raise DisconError(
+                    f"cache {out} was built with {kind} {_describe(old.get(kind, {}))}, not "
+                    f"{_describe(plan[kind])}; use another --out folder or delete {out}")
+        for key in ("data", "num_items", "shard_size"):
+            if old.get(key) != plan[key]:
+                raise DisconError(f"cache {out} was built with {key}={old.get(key)!r}, now "
+                                  f"{plan[key]!r}; use another --out folder or delete {out}")
+    elif rank == 0:
+        _write_json_atomic(plan, manifest_path)
+
+    mine = [k for k in range(rank, num_shards, world) if not _shard_done(out, k)]
+    done_before = len(range(rank, num_shards, world)) - len(mine)
+    if done_before:
+        log.info("rank %d: %d finished shards reused", rank, done_before)
+    bar = tqdm(total=sum(min(shard_size, len(dataset) - k * shard_size) for k in mine),
+               unit="img", desc=f"cache[{rank}]", disable=not progress or rank != 0)
+    for k in mine:
+        lo, hi = k * shard_size, min(len(dataset), (k + 1) * shard_size)
+        parts: dict[str, list[torch.Tensor]] = {"index": [], "labels": [], "tokens": [],
+                                                 "moments": []}
+        skipped_before = dict(dataset.skipped)
+        for start in range(lo, hi, batch_size):
+            items = [(i, dataset.get(i, False)) for i in range(start, min(hi, start + batch_size))]
+            items = [(i, it) for i, it in items if it is not None]
+            bar.update(min(hi, start + batch_size) - start)
+            if not items:
+                continue
+            images = torch.stack([it[0] for _, it in items]).to(dev)
+            tokens, moments = encode_batch(images, dt, ct)
+            parts["index"].append(torch.tensor([i for i, _ in items], dtype=torch.int64))
+            parts["labels"].append(torch.tensor([it[1] for _, it in items], dtype=torch.int64))
+            parts["tokens"].append(tokens)
+            parts["moments"].append(moments)
+        if not parts["index"]:
+            raise DisconError(f"every image of shard {k} (items {lo}..{hi - 1}) is unreadable")
+        tensors = {name: torch.cat(v) for name, v in parts.items()}
+        path = out / f"{shard_name(k)}.safetensors"
+        _save_tensors_atomic(tensors, path)
+        skipped = {n: r for n, r in dataset.skipped.items() if n not in skipped_before}
+        _write_json_atomic({"count": int(tensors["index"].numel()), "items": [lo, hi],
+                            "sha256": sha256_of(path), "skipped": skipped},
+                           out / f"{shard_name(k)}.json")
+    bar.close()
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        shards, skipped, count = [], {}, 0
+        for k in range(num_shards):
+            side = out / f"{shard_name(k)}.json"
+            if not side.is_file():
+                raise DisconError(f"cache {out}: shard {k} was not written by any rank; rerun")
+            rec = json.loads(side.read_text())
+            shards.append({"file": f"{shard_name(k)}.safetensors", "count": rec["count"],
+                           "sha256": rec["sha256"]})
+            skipped.update(rec["skipped"])
+            count += rec["count"]
+        sample = load_shard(out / shards[0]["file"], shards[0]["sha256"])
+        manifest = {**plan, "complete": True, "count": count, "skipped": skipped,
+                    "grid": list(sample["tokens"].shape[-2:]),
+                    "latent_channels": int(sample["moments"].shape[2]) // 2,
+                    "shards": shards}
+        _write_json_atomic(manifest, manifest_path)
+        if skipped:
+            log.warning("cache %s: %d unreadable images skipped (listed in %s)", out,
+                        len(skipped), manifest_path)
+    teardown_distributed()
+    return manifest_path
+
+
+def _shard_done(out: Path, k: int) -> bool:
+    side, path = out / f"{shard_name(k)}.json", out / f"{shard_name(k)}.safetensors"
+    if not (side.is_file() and path.is_file()):
+        return False
+    try:
+        return json.loads(side.read_text())["sha256"] == sha256_of(path)
+    except (ValueError, KeyError):
+        return False
+
+
+def load_shard(path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
+    """Read one shard after checking its sha256; a bad shard is a DisconError naming it."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+    if not path.is_file():
+        raise DisconError(f"cache shard {path} is missing; rerun `discon cache` with the same "
+                          "arguments to rebuild it")
+    if sha256 is not None and sha256_of(path) != sha256:
+        raise DisconError(f"cache shard {path} is corrupt (sha256 differs from the manifest); "
+                          f"delete it and its .json sidecar and rerun `discon cache` to rebuild it")
+    try:
+        return load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as e:
+        raise DisconError(f"cache shard {path} is unreadable ({e}); delete it and rerun "
+                          "`discon cache`") from None
+
+
+class CachedDataset:
+    """A finished cache, read back: ``get(i, flip)`` -> {'moments' [2C,h,w], 'tokens' int64
+    [h,w], 'labels' int} for the image or (``flip``) its mirror, like MAR's ``CachedFolder``.
+
+    Shards are verified (sha256) and loaded when first touched and kept in memory up to
+    ``max_shards_in_memory``.
+    """
+
+    def __init__(self, root: str | os.PathLike, *, max_shards_in_memory: int = 64,
+                 verify: bool = True):
+        self.root = Path(root)
+        path = self.root / MANIFEST
+        if not path.is_file():
+            raise DisconError(f"{self.root} is not a discon cache (no {MANIFEST}); build one "
+                              "with `discon cache`")
+        self.manifest = json.loads(path.read_text())
+        if self.manifest.get("format") != FORMAT:
+            raise DisconError(f"cache {self.root}: format {self.manifest.get('format')!r}, "
+                              f"expected {FORMAT!r}")
+        if not self.manifest.get("complete"):
+            raise DisconError(f"cache {self.root} is incomplete (an interrupted `discon cache`); "
+                              "rerun the same command to finish it")
+        self.shards = self.manifest["shards"]
+        self.offsets = [0]
+        for s in self.shards:
+            self.offsets.append(self.offsets[-1] + s["count"])
+        self.num_classes = int(self.manifest["num_classes"])
+        self.verify = verify
+        self.max_shards = max(1, max_shards_in_memory)
+        self._loaded: OrderedDict[int, dict[str, torch.Tensor]] = OrderedDict()
+        self.skipped: dict[str, str] = {}
+
+    def check_presets(self, *, dtok: str | None = None, ctok: str | None = None) -> None:
+        """Refuse a cache built with other tokenizer presets than the model expects."""
+        for kind, want in (("dtok", dtok), ("ctok", ctok)):
+            have = self.manifest[kind]["preset"]
+            if want is not None and want != have:
+                raise DisconError(f"cache {self.root} holds {kind} {have!r} tokens but the "
+                                  f"training config expects {kind} {want!r}; rebuild the cache "
+                                  f"with --{kind} {want} or set components.{kind} to {have}")
+
+    def __len__(self) -> int:
+        return self.offsets[-1]
+
+    def _shard(self, k: int) -> dict[str, torch.Tensor]:
+        if k in self._loaded:
+            self._loaded.move_to_end(k)
+            return self._loaded[k]
+        rec = self.shards[k]
+        data = load_shard(self.root / rec["file"], rec["sha256"] if self.verify else None)
+        self._loaded[k] = data
+        while len(self._loaded) > self.max_shards:
+            self._loaded.popitem(last=False)
+        return data
+
+    def get(self, index: int, flip: bool = False) -> dict[str, Any]:
+        import bisect
+        k = bisect.bisect_right(self.offsets, index) - 1
+        shard, j, v = self._shard(k), index - self.offsets[k], int(flip)
+        return {"moments": shard["moments"][j, v], "tokens": shard["tokens"][j, v].long(),
+                "labels": int(shard["labels"][j])}
+
+    def __getitem__(self, index: int):
+        return self.get(index, False)
+
+
+def collate_cached(items) -> dict[str, torch.Tensor]:
+    """Stack cached items into {'moments' [B,2C,h,w], 'tokens' [B,h,w], 'labels' [B]}."""
+    return {"moments": torch.stack([it["moments"] for it in items]),
+            "tokens": torch.stack([it["tokens"] for it in items]),
+            "labels": torch.tensor([it["labels"] for it in items], dtype=torch.int64)}

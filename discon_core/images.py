@@ -1,0 +1,55 @@
+"""Image files: PNG grids and single PNGs from ``[B,3,H,W]`` tensors in ``[0,1]``."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+
+
+def to_uint8(images: torch.Tensor) -> np.ndarray:
+    """[B,3,H,W] float in [0,1] -> uint8 [B,H,W,3], rounding to nearest."""
+    x = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
+    return x.permute(0, 2, 3, 1).cpu().numpy()
+
+
+def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:
+    """Tile a batch into one uint8 [H', W', 3] array, ``nrow`` images per row (default: square)."""
+    arr = to_uint8(images)
+    b, h, w, _ = arr.shape
+    nrow = nrow or max(1, math.ceil(math.sqrt(b)))
+    rows = math.ceil(b / nrow)
+    grid = np.full((rows * (h + pad) + pad, nrow * (w + pad) + pad, 3), 255, np.uint8)
+    for i in range(b):
+        r, c = divmod(i, nrow)
+        y, x = pad + r * (h + pad), pad + c * (w + pad)
+        grid[y:y + h, x:x + w] = arr[i]
+    return grid
+
+
+def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,
+              upscale: int = 1) -> Path:
+    """Save a batch as one PNG grid (``upscale`` enlarges small images, nearest-neighbour)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img = Image.fromarray(make_grid(images, nrow))
+    if upscale > 1:
+        img = img.resize((img.width * upscale, img.height * upscale), Image.NEAREST)
+    img.save(path)
+    return path
+
+
+def save_images(images: torch.Tensor, folder: str | os.PathLike, prefix: str = "img",
+                start: int = 0) -> list[Path]:
+    """Save each image as ``folder/{prefix}_{index:05d}.png``."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i, arr in enumerate(to_uint8(images)):
+        p = folder / f"{prefix}_{start + i:05d}.png"
+        Image.fromarray(arr).save(p)
+        paths.append(p)
+    return paths

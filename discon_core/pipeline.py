@@ -1,0 +1,315 @@
+"""Sampling: the continuous stage (``sample_tokens``) and the end-to-end ``Pipeline``.
+
+DisCon (all five components)::
+
+    pipe = Pipeline.from_names(prior="rar-xxl", dtok="maskgit-vq", backbone="discon-l",
+                               ctok="va-vae")                      # head defaults to "discon-l"
+    images = pipe.generate(torch.tensor([207, 360]), generator=torch.Generator().manual_seed(0))
+
+    prior.sample -> x_d [B,h,w] -> sample_tokens(backbone, head, cond=x_d) -> x_c -> ctok.decode
+
+The other public pipelines, chosen by which components are given:
+
+* discrete only (``prior`` + ``dtok``): prior.sample -> dtok.decode (RAR + MaskGIT VQGAN);
+* continuous only (``backbone`` + ``head`` + ``ctok``, no prior): MAR class-conditional
+  generation (sample_tokens without a discrete condition) -> ctok.decode.
+
+Every compatibility check (grids, channels, vocabularies, classes) runs before any compute.
+"""
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import torch
+
+from .errors import DisconError
+
+CFG_SCHEDULES = ("linear", "constant")
+
+
+# -- the continuous stage ------------------------------------------------------------------------
+
+def mask_schedule(seq_len: int, ar_steps: int) -> list[int]:
+    """MAR's cosine schedule without data: the masked count after each step (clamped as the
+    sampler clamps it: at least one token predicted per step, never below 1)."""
+    masked, out = seq_len, []
+    for step in range(ar_steps):
+        mask_len = int(np.floor(seq_len * np.cos(math.pi / 2.0 * (step + 1) / ar_steps)))
+        masked = max(1, min(masked - 1, mask_len))
+        out.append(masked)
+    return out
+
+
+def cfg_at(cfg_scale: float, schedule: str, seq_len: int, mask_len_next: int) -> float:
+    """Guidance scale for one AR step (Muse-style linear ramp on the post-step masked count)."""
+    if schedule == "linear":
+        return 1.0 + (cfg_scale - 1.0) * (seq_len - mask_len_next) / seq_len
+    return cfg_scale
+
+
+def _check_sampler_args(backbone, labels, cond, ar_steps, temperature, cfg_scale, cfg_schedule):
+    n = backbone.seq_len
+    if not isinstance(ar_steps, int) or not 1 <= ar_steps <= n:
+        raise DisconError(f"ar_steps must be an integer in [1, {n}] (the sequence length), "
+                          f"got {ar_steps!r}")
+    if labels.dim() != 1 or labels.is_floating_point():
+        raise DisconError(f"labels must be int64 [B], got {labels.dtype} {list(labels.shape)}")
+    if cfg_schedule not in CFG_SCHEDULES:
+        raise DisconError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}, "
+                          f"got {cfg_schedule!r}")
+    if temperature < 0:
+        raise DisconError(f"temperature must be >= 0, got {temperature}")
+    if cfg_scale < 0:
+        raise DisconError(f"cfg_scale must be >= 0 (1 disables guidance), got {cfg_scale}")
+    if cond is not None:
+        if cond.shape != (labels.shape[0], n):
+            raise DisconError(f"cond must be int64 [{labels.shape[0]}, {n}] (B, seq_len), got "
+                              f"{list(cond.shape)}")
+
+
+@torch.no_grad()
+def sample_tokens(backbone, head, labels: torch.Tensor, *, cond: torch.Tensor | None = None,
+                  ar_steps: int = 16, temperature: float = 1.0, cfg_scale: float = 1.0,
+                  cfg_schedule: str = "linear", generator: torch.Generator | None = None,
+                  progress: bool = False, head_steps: int | str | None = None,
+                  orders: torch.Tensor | None = None) -> torch.Tensor:
+    """MAR's ``sample_tokens`` over any backbone + head: labels int64 [B] (and the discrete grid
+    ``cond`` int64 [B, N] or [B, h, w]) -> continuous tokens [B, N, D].
+
+    Per step: run the backbone on the current tokens and mask, shrink the mask along the
+    cosine schedule (at least one token per step), and sample every newly revealed token of
+    the whole batch in ONE head call (rows batch-major, positions ascending). Positions are
+    revealed from the end of each random order backwards, as in MAR. With ``cfg_scale != 1``
+    the batch is doubled with the null class (and null discrete condition) and the head
+    guides with the per-step scale of ``cfg_schedule``.
+
+    Extensions: ``head_steps`` overrides the head's sampling steps; ``orders`` (int64 [B, N])
+    replaces the random orders drawn from ``generator``.
+    """
+    if cond is not None and cond.dim() == 3:
+        cond = cond.flatten(1)
+    _check_sampler_args(backbone, labels, cond, ar_steps, temperature, cfg_scale, cfg_schedule)
+    device = next(backbone.parameters()).device
+    b, n, d = labels.shape[0], backbone.seq_len, backbone.token_dim
+    labels = labels.to(device)
+    cond = cond.to(device) if cond is not None else None
+    if orders is None:
+        orders = torch.rand(b, n, generator=generator, device=device).argsort(dim=1)
+    elif orders.shape != (b, n):
+        raise DisconError(f"orders must be int64 [{b}, {n}], got {list(orders.shape)}")
+    orders = orders.to(device)
+    dtype = next(backbone.parameters()).dtype
+    tokens = torch.zeros(b, n, d, device=device, dtype=dtype)
+    mask = torch.ones(b, n, dtype=torch.bool, device=device)
+    guided = cfg_scale != 1.0
+    drop = None
+    if guided:
+        drop = torch.cat([torch.zeros(b, dtype=torch.bool), torch.ones(b, dtype=torch.bool)]).to(device)
+    steps = range(ar_steps)
+    if progress:
+        from tqdm.auto import tqdm
+        steps = tqdm(steps, desc="continuous stage", unit="step")
+    for step, mask_len in zip(steps, mask_schedule(n, ar_steps)):
+        if guided:
+            z = backbone(torch.cat([tokens, tokens]), torch.cat([mask, mask]),
+                         torch.cat([labels, labels]),
+                         torch.cat([cond, cond]) if cond is not None else None,
+                         label_drop=drop, cond_drop=drop if cond is not None else None)
+        else:
+            z = backbone(tokens, mask, labels, cond)
+        mask_next = torch.zeros_like(mask).scatter(1, orders[:, :mask_len], True)
+        to_pred = mask if step == ar_steps - 1 else mask & ~mask_next
+        rows = z[:b][to_pred]
+        if rows.shape[0]:
+            if guided:
+                rows = torch.cat([rows, z[b:][to_pred]])
+                cfg_iter = cfg_at(cfg_scale, cfg_schedule, n, mask_len)
+                new = head.sample(rows, temperature=temperature, steps=head_steps,
+                                  generator=generator, cfg_scale=cfg_iter)[: rows.shape[0] // 2]
+            else:
+                new = head.sample(rows, temperature=temperature, steps=head_steps,
+                                  generator=generator)
+            tokens[to_pred] = new.to(tokens.dtype)
+        mask = mask_next
+    return tokens
+
+
+# -- the pipeline --------------------------------------------------------------------------------
+
+def _name(module, kind: str) -> str:
+    preset = getattr(module, "discon_preset", None)
+    return f"{kind} {preset.name!r}" if preset is not None else f"the {kind}"
+
+
+def _sampling(module) -> dict[str, Any]:
+    preset = getattr(module, "discon_preset", None)
+    return dict(preset.sampling) if preset is not None else {}
+
+
+def check_compatible(prior=None, dtok=None, backbone=None, head=None, ctok=None) -> str:
+    """Which pipeline the given components form ('discon', 'discrete', 'continuous'); raises a
+    DisconError naming both presets for the first mismatch. Needs only attributes, so it runs on
+    meta-device modules before any weights load."""
+    def fail(msg: str):
+        raise DisconError(msg)
+
+    if backbone is not None or head is not None:
+        if backbone is None or head is None:
+            fail("backbone and head go together: give both (the head preset of the same name "
+                 "as the backbone fits it)")
+        if head.token_dim != backbone.token_dim or head.z_dim != backbone.z_dim:
+            fail(f"{_name(head, 'head')} (token_dim {head.token_dim}, z_dim {head.z_dim}) does not "
+                 f"fit {_name(backbone, 'backbone')} (token_dim {backbone.token_dim}, z_dim "
+                 f"{backbone.z_dim}); use the head preset of the backbone's name")
+        if ctok is None:
+            fail("a backbone needs a continuous tokenizer (ctok) to decode its latents")
+        patch = getattr(backbone, "patch_size", 1)
+        if ctok.latent_channels * patch ** 2 != backbone.token_dim:
+            fail(f"{_name(ctok, 'ctok')} has {ctok.latent_channels} latent channels but "
+                 f"{_name(backbone, 'backbone')} models tokens of {backbone.token_dim} "
+                 f"(vae_embed_dim * patch_size**2)")
+        stride = getattr(backbone, "vae_stride", ctok.downsample)
+        if stride != ctok.downsample:
+            fail(f"{_name(ctok, 'ctok')} downsamples by {ctok.downsample} but "
+                 f"{_name(backbone, 'backbone')} expects vae_stride {stride}")
+    if prior is not None:
+        if dtok is not None and prior.codebook_size != dtok.codebook_size:
+            fail(f"{_name(prior, 'prior')} samples {prior.codebook_size} codes but "
+                 f"{_name(dtok, 'dtok')} has codebook_size {dtok.codebook_size}")
+        if backbone is None:
+            if dtok is None:
+                fail("a prior needs either a dtok (discrete pipeline) or backbone + head + ctok "
+                     "(DisCon)")
+            return "discrete"
+        vocab = getattr(backbone, "cond_vocab_size", 0)
+        if not vocab:
+            fail(f"{_name(backbone, 'backbone')} has no discrete conditioning (cond_vocab_size=0);"
+                 " use a discon-* backbone with a prior, or drop the prior for plain MAR")
+        if vocab != prior.codebook_size:
+            fail(f"{_name(prior, 'prior')} has codebook_size {prior.codebook_size} but "
+                 f"{_name(backbone, 'backbone')} was built for cond_vocab_size {vocab}")
+        if prior.seq_len != backbone.seq_len:
+            fail(f"{_name(prior, 'prior')} makes {prior.seq_len} tokens but "
+                 f"{_name(backbone, 'backbone')} has seq_len {backbone.seq_len}: the discrete and "
+                 "continuous grids differ")
+        if prior.num_classes != getattr(backbone, "class_num", prior.num_classes):
+            fail(f"{_name(prior, 'prior')} has {prior.num_classes} classes but "
+                 f"{_name(backbone, 'backbone')} has class_num {backbone.class_num}")
+        if dtok is not None and dtok.downsample != ctok.downsample:
+            fail(f"{_name(dtok, 'dtok')} downsamples by {dtok.downsample} but {_name(ctok, 'ctok')}"
+                 f" by {ctok.downsample}: the discrete and continuous grids differ")
+        return "discon"
+    if backbone is None:
+        fail("nothing to run: give a prior (+ dtok), or backbone + head + ctok, or all five")
+    return "continuous"
+
+
+def _preflight(kind: str, name: str) -> None:
+    """Raise now if ``kind``/``name``'s released weights can neither be found nor downloaded."""
+    from .checkpoints import discon_home
+    from .registry import resolve
+
+    src = resolve(kind, name).checkpoint
+    if src is None:
+        raise DisconError(f"{kind} preset {name!r} has no published checkpoint: train one "
+                          f"(`discon train`) and pass its path with --{kind}-checkpoint PATH")
+    dest = discon_home() / "checkpoints" / src.file
+    if src.url is None and not dest.is_file():
+        hint = f" ({src.note})" if src.note else ""
+        raise DisconError(f"{kind} preset {name!r}: expected weights file {dest} is missing and "
+                          f"has no public download{hint}; put the file there or pass "
+                          f"--{kind}-checkpoint PATH")
+
+
+class Pipeline:
+    """Class labels -> images, through whichever components are given (see the module doc)."""
+
+    def __init__(self, prior=None, dtok=None, backbone=None, head=None, ctok=None):
+        self.mode = check_compatible(prior, dtok, backbone, head, ctok)
+        self.prior, self.dtok, self.backbone, self.head, self.ctok = prior, dtok, backbone, head, ctok
+        for module in (prior, dtok, backbone, head, ctok):
+            if module is not None:
+                module.eval()  # sampling: dropout must never leak in
+
+    @classmethod
+    def from_names(cls, prior: str | None = None, dtok: str | None = None,
+                   backbone: str | None = None, head: str | None = None, ctok: str | None = None,
+                   *, checkpoints: Mapping[str, str | None] | None = None,
+                   device: str | torch.device | None = None,
+                   dtype: torch.dtype | None = None) -> "Pipeline":
+        """Build from registry names. ``checkpoints`` maps a kind to a path, "pretrained"
+        (default: the preset's released weights) or None (random init). The head defaults to the
+        preset of the backbone's name, and to the backbone's checkpoint file (MAR layout holds
+        both). Compatibility is checked on meta-device copies before any weights load."""
+        from .registry import build
+
+        if backbone is not None and head is None:
+            head = backbone
+        names = {"prior": prior, "dtok": dtok, "backbone": backbone, "head": head, "ctok": ctok}
+        ckpts = dict(checkpoints or {})
+        if "head" not in ckpts and "backbone" in ckpts:
+            ckpts["head"] = ckpts["backbone"]
+        meta = {k: build(k, n, device="meta") if n else None for k, n in names.items()}
+        check_compatible(**meta)
+        for kind, name in names.items():  # missing unreleased weights: fail before any download
+            if name and ckpts.get(kind, "pretrained") == "pretrained":
+                _preflight(kind, name)
+        built = {k: build(k, n, checkpoint=ckpts.get(k, "pretrained"), device=device, dtype=dtype)
+                 if n else None for k, n in names.items()}
+        return cls(**built)
+
+    @property
+    def device(self) -> torch.device:
+        first = next(m for m in (self.backbone, self.prior, self.ctok, self.dtok) if m is not None)
+        return next(first.parameters()).device
+
+    @torch.no_grad()
+    def generate(self, labels: torch.Tensor, *, ar_steps: int = 16, prior_cfg: float | None = None,
+                 temperature: float | None = None, generator: torch.Generator | None = None,
+                 progress: bool = True, return_tokens: bool = False,
+                 head_temperature: float | None = None, cfg_scale: float | None = None,
+                 head_steps: int | str | None = None):
+        """labels int64 [B] -> images float32 [B, 3, H, W] in [0, 1].
+
+        ``prior_cfg`` / ``temperature``: the prior's guidance scale and temperature (defaults:
+        the prior preset's recommended values). The continuous stage runs ``ar_steps`` steps
+        with ``head_temperature`` (default: backbone preset, 1.0) and ``cfg_scale`` (default:
+        the backbone preset's, 1.0 = no CFG for DisCon, as in the paper).
+        With ``return_tokens``: ``(images, discrete tokens [B,h,w] or None, latents [B,C,h,w]
+        or None)``.
+        """
+        labels = torch.as_tensor(labels, dtype=torch.int64)
+        if labels.dim() != 1:
+            raise DisconError(f"labels must be a 1-D list of class ids, got shape {list(labels.shape)}")
+        num_classes = self.prior.num_classes if self.prior is not None else self.backbone.class_num
+        if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
+            raise DisconError(f"labels must lie in [0, {num_classes}), got "
+                              f"[{labels.min().item()}, {labels.max().item()}]")
+        if self.backbone is not None and not 1 <= ar_steps <= self.backbone.seq_len:
+            raise DisconError(f"ar_steps must be in [1, {self.backbone.seq_len}], got {ar_steps}")
+        discrete = latents = None
+        if self.prior is not None:
+            sampling = _sampling(self.prior)
+            cfg, temp = sampling.pop("cfg_scale", 1.0), sampling.pop("temperature", 1.0)
+            cfg = cfg if prior_cfg is None else prior_cfg
+            temp = temp if temperature is None else temperature
+            prior_device = next(self.prior.parameters()).device
+            discrete = self.prior.sample(labels.to(prior_device), cfg_scale=cfg, temperature=temp,
+                                         generator=generator, progress=progress, **sampling)
+            if self.mode == "discrete":
+                images = self.dtok.decode(discrete.to(next(self.dtok.parameters()).device))
+                return (images, discrete, None) if return_tokens else images
+        sampling = _sampling(self.backbone)
+        x = sample_tokens(
+            self.backbone, self.head, labels,
+            cond=discrete.flatten(1) if discrete is not None else None, ar_steps=ar_steps,
+            temperature=sampling.get("temperature", 1.0) if head_temperature is None else head_temperature,
+            cfg_scale=sampling.get("cfg_scale", 1.0) if cfg_scale is None else cfg_scale,
+            cfg_schedule=sampling.get("cfg_schedule", "linear"), generator=generator,
+            progress=progress, head_steps=head_steps)
+        latents = self.backbone.unpatchify(x)
+        images = self.ctok.decode(latents.to(next(self.ctok.parameters()).device))
+        return (images, discrete, latents) if return_tokens else images

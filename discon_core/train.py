@@ -1,0 +1,897 @@
+"""One trainer for every discon component: backbone+head (``discon``), the discrete prior
+(``prior``) and the tokenizers (``tokenizer``).
+
+It is a plain loop over a *recipe* (the model to optimise, its data and its loss), with what
+large runs need: AdamW with per-recipe parameter groups (MAR's for backbone+head), lr scaling
+``lr = blr * global_batch / 256`` with linear warmup and a constant or cosine schedule, gradient
+clipping, EMA of the parameters (0.9999), optional bf16 autocast, gradient checkpointing,
+torch.compile, DDP (torchrun; gloo on CPU, NCCL on GPU), FSDP2 for the large models, atomic
+periodic checkpoints holding everything needed for an exact ``--resume`` (model, EMA, optimizer,
+scheduler, step, data position, every RNG of every rank), a stop on NaN/inf that keeps the last
+good checkpoint, tqdm progress, a JSON-lines log and sample grids.
+
+Launch::
+
+    discon train configs/fmnist_discon.yaml                       # one process
+    discon train configs/fmnist_discon.yaml --resume              # continue out/checkpoint-last.pth
+    torchrun --nproc_per_node 8 -m discon_core.cli train configs/imagenet_discon_l.yaml
+    torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
+        -m discon_core.cli train configs/imagenet_discon_l.yaml   # multi-node
+
+A DisCon checkpoint uses MAR's layout, ``{'model': sd, 'model_ema': sd, ...}`` with the backbone
+keys at the top level and the head keys under ``diffloss.``, so ``build('backbone', name,
+checkpoint=f)`` and ``build('head', name, checkpoint=f)`` both load from it (EMA weights).
+"""
+from __future__ import annotations
+
+import contextlib
+import copy
+import dataclasses
+import importlib
+import json
+import logging
+import math
+import os
+import random
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import yaml
+from torch import nn
+
+from .errors import DisconError, close_matches
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_FORMAT = "discon-train/1"
+LAST = "checkpoint-last.pth"
+
+
+# ------------------------------------------------------------------------------------------------
+# Configuration
+
+@dataclass
+class OptimConfig:
+    """AdamW + schedule. ``lr`` wins over ``blr`` (then ``lr = blr * batch_size / 256``, MAR)."""
+
+    blr: float = 1e-4
+    lr: float | None = None
+    betas: tuple[float, float] = (0.9, 0.95)
+    weight_decay: float = 0.02
+    warmup_steps: int | None = None
+    warmup_epochs: float | None = None
+    schedule: str = "constant"          # constant | cosine
+    min_lr: float = 0.0
+
+
+@dataclass
+class TrainConfig:
+    """A training run; loaded from plain YAML (see configs/). Unknown keys are an error."""
+
+    recipe: str                                   # discon | prior | tokenizer | pkg.module:function
+    components: dict[str, Any]                    # kind -> preset name or {preset, checkpoint, overrides}
+    data: dict[str, Any]                          # {cache: folder} or a data.build_dataset mapping
+    out: str = "runs/train"
+    steps: int | None = None
+    epochs: float | None = None
+    batch_size: int = 64                          # global, over all processes
+    optimizer: OptimConfig = field(default_factory=OptimConfig)
+    grad_clip: float | None = 3.0
+    ema_rate: float = 0.9999
+    precision: str = "fp32"                       # fp32 | bf16 (autocast)
+    grad_checkpointing: bool = False
+    compile: bool = False
+    fsdp: bool = False
+    seed: int = 1
+    device: str | None = None                     # default: cuda if available, else cpu
+    ckpt_every: int = 1000
+    keep_every: int | None = None                 # also keep checkpoint-<step>.pth every N steps
+    log_every: int = 10
+    sample_every: int | None = None
+    num_samples: int = 16
+    num_workers: int = 0
+    progress: bool = True
+    recipe_options: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, raw: Mapping[str, Any], where: str = "config") -> "TrainConfig":
+        if not isinstance(raw, Mapping):
+            raise DisconError(f"{where}: expected a mapping, got {type(raw).__name__}")
+        names = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(raw) - names)
+        if unknown:
+            raise DisconError(f"{where}: unknown key(s) {', '.join(unknown)}"
+                              f"{close_matches(unknown[0], names)}; keys are {', '.join(sorted(names))}")
+        for req in ("recipe", "components", "data"):
+            if req not in raw:
+                raise DisconError(f"{where}: missing key {req!r}")
+        args = dict(raw)
+        opt = args.get("optimizer") or {}
+        onames = {f.name for f in dataclasses.fields(OptimConfig)}
+        bad = sorted(set(opt) - onames)
+        if bad:
+            raise DisconError(f"{where}: unknown optimizer key(s) {', '.join(bad)}; keys are "
+                              f"{', '.join(sorted(onames))}")
+        if "betas" in opt:
+            opt = {**opt, "betas": tuple(float(b) for b in opt["betas"])}
+        args["optimizer"] = OptimConfig(**opt)
+        cfg = cls(**args)
+        cfg.validate(where)
+        return cfg
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, overrides: list[str] = ()) -> "TrainConfig":
+        return cls.from_dict(apply_overrides(load_yaml(path), overrides), str(path))
+
+    def validate(self, where: str = "config") -> None:
+        if self.precision not in ("fp32", "bf16"):
+            raise DisconError(f"{where}: precision must be fp32 or bf16, got {self.precision!r}")
+        if self.optimizer.schedule not in ("constant", "cosine"):
+            raise DisconError(f"{where}: optimizer.schedule must be constant or cosine, got "
+                              f"{self.optimizer.schedule!r}")
+        if (self.steps is None) == (self.epochs is None):
+            raise DisconError(f"{where}: give exactly one of steps or epochs")
+        for name in ("batch_size", "ckpt_every", "log_every"):
+            if int(getattr(self, name)) <= 0:
+                raise DisconError(f"{where}: {name} must be a positive integer")
+        if not isinstance(self.components, Mapping) or not self.components:
+            raise DisconError(f"{where}: components must map kinds to presets")
+
+    def as_dict(self) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        d["optimizer"]["betas"] = list(d["optimizer"]["betas"])
+        return d
+
+
+def load_yaml(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise DisconError(f"config file {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as e:
+        raise DisconError(f"config file {path} is not valid YAML: {e}") from None
+    if not isinstance(data, dict):
+        raise DisconError(f"config file {path}: top level must be a mapping")
+    return data
+
+
+def apply_overrides(raw: dict, overrides: list[str]) -> dict:
+    """``--set a.b=value`` edits (value parsed as YAML) on a nested mapping."""
+    raw = copy.deepcopy(raw)
+    for item in overrides or ():
+        if "=" not in item:
+            raise DisconError(f"--set expects KEY=VALUE (dotted keys), got {item!r}")
+        key, value = item.split("=", 1)
+        node = raw
+        parts = key.split(".")
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise DisconError(f"--set {item!r}: {p!r} is not a mapping")
+        node[parts[-1]] = yaml.safe_load(value)
+    return raw
+
+
+def component_spec(spec: Any, kind: str) -> dict[str, Any]:
+    """Normalise ``name`` or ``{preset, checkpoint, overrides}`` to the mapping form."""
+    if isinstance(spec, str):
+        return {"preset": spec, "checkpoint": None, "overrides": {}}
+    if not isinstance(spec, Mapping) or "preset" not in spec:
+        raise DisconError(f"components.{kind} must be a preset name or a mapping with 'preset', "
+                          f"got {spec!r}")
+    bad = sorted(set(spec) - {"preset", "checkpoint", "overrides", "kind"})
+    if bad:
+        raise DisconError(f"components.{kind}: unknown key(s) {', '.join(bad)}; keys are "
+                          "preset, checkpoint, overrides, kind")
+    return {"preset": spec["preset"], "checkpoint": spec.get("checkpoint"),
+            "overrides": dict(spec.get("overrides") or {}), "kind": spec.get("kind", kind)}
+
+
+def build_component(kind: str, spec: Any, device, *, trainable: bool = True) -> nn.Module:
+    from .registry import build
+    s = component_spec(spec, kind)
+    module = build(s.get("kind", kind), s["preset"], checkpoint=s["checkpoint"], device=device,
+                   **s["overrides"])
+    module.train(trainable)
+    if not trainable:
+        module.requires_grad_(False)
+    return module
+
+
+# ------------------------------------------------------------------------------------------------
+# Distributed set-up
+
+def setup_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
+    """(rank, world size, device); initialises the process group under torchrun (WORLD_SIZE>1):
+    NCCL on CUDA, gloo on CPU. Multi-node rendezvous is torchrun's."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local = int(os.environ.get("LOCAL_RANK", "0"))
+    if device is None:
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = torch.device(device)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local)
+        torch.cuda.set_device(dev)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
+    return rank, world, dev
+
+
+def teardown_distributed() -> None:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
+
+
+def _all_reduce_max(value: float, world: int) -> float:
+    if world == 1:
+        return value
+    t = torch.tensor([value], dtype=torch.float64)
+    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+    return float(t)
+
+
+# ------------------------------------------------------------------------------------------------
+# Recipes
+
+@dataclass
+class Recipe:
+    """What to train: ``model(batch, step=, generator=) -> (loss, logs)`` over ``dataset``.
+
+    ``to_file``/``from_file`` map module state-dict keys to the checkpoint layout and back;
+    ``no_decay(file_key, param)`` names the parameters AdamW must not decay; ``samples(model,
+    generator)`` returns a grid-worth of images in [0,1] (or None) for the sample grids.
+    """
+
+    name: str
+    model: nn.Module
+    dataset: Any
+    collate: Callable
+    no_decay: Callable[[str, torch.Tensor], bool]
+    to_file: Callable[[str], str] = lambda k: k
+    from_file: Callable[[str], str] = lambda k: k
+    samples: Callable[[nn.Module, torch.Generator], torch.Tensor | None] | None = None
+    flip: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def patchify(latents: torch.Tensor, p: int) -> torch.Tensor:
+    """[B,C,H,W] -> [B,(H/p)(W/p),C*p*p] in raster order, channel slowest within a token (MAR)."""
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c, h // p, p, w // p, p)
+    return torch.einsum("nchpwq->nhwcpq", x).reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(x: torch.Tensor, c: int, h: int, w: int, p: int) -> torch.Tensor:
+    """Inverse of :func:`patchify`."""
+    b = x.shape[0]
+    x = x.reshape(b, h // p, w // p, c, p, p)
+    return torch.einsum("nhwcpq->nchpwq", x).reshape(b, c, h, w)
+
+
+class _Frozen:
+    """Holds a frozen helper module out of the trainable module tree (no DDP/EMA/state dict)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+
+class DisconObjective(nn.Module):
+    """backbone + head trained with ``objectives.masked_ar_loss`` on cached moments + ids."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, ctok: nn.Module, *,
+                 use_cond: bool = True, mask_ratio_min: float = 0.7, diffusion_batch_mul: int = 4):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        self._ctok = _Frozen(ctok)
+        self.use_cond = use_cond
+        self.mask_ratio_min, self.diffusion_batch_mul = mask_ratio_min, diffusion_batch_mul
+        c = ctok.latent_channels
+        p2 = backbone.token_dim // c
+        self.patch = int(round(math.sqrt(p2)))
+        if self.patch ** 2 * c != backbone.token_dim:
+            raise DisconError(f"backbone token_dim {backbone.token_dim} is not latent_channels "
+                              f"{c} x patch^2 of the cache's ctok; check vae_embed_dim")
+
+    def tokens(self, batch: dict, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with torch.no_grad():
+            latents = self._ctok.module.latents_from_moments(batch["moments"], sample=True,
+                                                             generator=generator)
+        x = patchify(latents.float(), self.patch)
+        if x.shape[1] != self.backbone.seq_len:
+            raise DisconError(f"cached latents give {x.shape[1]} tokens but the backbone's "
+                              f"seq_len is {self.backbone.seq_len}; check img_size/vae_stride")
+        cond = batch["tokens"].flatten(1) if self.use_cond else None
+        return x, cond
+
+    def forward(self, batch: dict, *, step: int, generator=None):
+        from .objectives import masked_ar_loss
+        x, cond = self.tokens(batch, generator)
+        return masked_ar_loss(self.backbone, self.head, x, batch["labels"], cond,
+                              mask_ratio_min=self.mask_ratio_min,
+                              diffusion_batch_mul=self.diffusion_batch_mul, generator=generator)
+
+
+class PriorObjective(nn.Module):
+    """A discrete prior trained on cached ids with its own ``training_loss``."""
+
+    def __init__(self, prior: nn.Module):
+        super().__init__()
+        self.prior = prior
+
+    def forward(self, batch: dict, *, step: int, generator=None):
+        return self.prior.training_loss(batch["tokens"].flatten(1), batch["labels"], step=step,
+                                        generator=generator)
+
+
+class TokenizerObjective(nn.Module):
+    """A tokenizer (dtok or ctok) trained on images with its own ``training_loss``."""
+
+    def __init__(self, tok: nn.Module):
+        super().__init__()
+        self.tok = tok
+
+    def forward(self, batch: dict, *, step: int, generator=None):
+        return self.tok.training_loss(batch["images"], generator=generator)
+
+
+def _mar_no_decay(key: str, p: torch.Tensor) -> bool:
+    # MAR's add_weight_decay: 1-D params, biases, and everything in the diffusion head.
+    return p.ndim == 1 or key.endswith(".bias") or "diffloss" in key
+
+
+def _rar_no_decay(key: str, p: torch.Tensor) -> bool:
+    # 1d-tokenizer's rule for RAR: ndim < 2 or names with these substrings.
+    return p.ndim < 2 or any(s in key for s in ("ln", "bias", "embed", "norm", "embedding"))
+
+
+def _plain_no_decay(key: str, p: torch.Tensor) -> bool:
+    return p.ndim < 2 or key.endswith(".bias")
+
+
+def _open_cache(cfg: TrainConfig):
+    from .cache import CachedDataset, collate_cached
+    if "cache" not in cfg.data:
+        raise DisconError(f"recipe {cfg.recipe!r} trains on a pre-tokenized cache: set "
+                          "data: {cache: FOLDER} (build it with `discon cache`)")
+    ds = CachedDataset(cfg.data["cache"])
+    want = {k: component_spec(cfg.components[k], k)["preset"]
+            for k in ("dtok", "ctok") if k in cfg.components}
+    ds.check_presets(**want)
+    return ds, collate_cached
+
+
+def _cache_tokenizer(cfg: TrainConfig, ds, kind: str, device) -> nn.Module:
+    """The tokenizer a cache was built with (preset, params and weights from its manifest);
+    ``components.<kind>.overrides`` in the config may add settings that do not change the
+    cached moments, e.g. the ``latents_stats`` computed after caching."""
+    from .registry import build
+    rec = ds.manifest[kind]
+    # The manifest stores the resolved params; passing them back rebuilds the same module even
+    # when the registry default changed meanwhile.
+    params = dict(rec.get("params") or {})
+    if kind in cfg.components:
+        params.update(component_spec(cfg.components[kind], kind)["overrides"])
+    module = build(kind, rec["preset"], checkpoint=rec["checkpoint"], device=device, **params)
+    return module.eval().requires_grad_(False)
+
+
+def recipe_discon(cfg: TrainConfig, device) -> Recipe:
+    ds, collate = _open_cache(cfg)
+    ctok = _cache_tokenizer(cfg, ds, "ctok", device)
+    backbone = build_component("backbone", cfg.components["backbone"], device)
+    head = build_component("head", cfg.components["head"], device)
+    opts = dict(cfg.recipe_options)
+    sample_opts = opts.pop("sampling", {}) or {}
+    allowed = {"use_cond", "mask_ratio_min", "diffusion_batch_mul"}
+    bad = sorted(set(opts) - allowed)
+    if bad:
+        raise DisconError(f"recipe_options for discon: unknown {', '.join(bad)}; accepted: "
+                          f"{', '.join(sorted(allowed | {'sampling'}))}")
+    model = DisconObjective(backbone, head, ctok, **opts)
+
+    def to_file(k: str) -> str:
+        return k[len("backbone."):] if k.startswith("backbone.") else "diffloss." + k[len("head."):]
+
+    def from_file(k: str) -> str:
+        return "head." + k[len("diffloss."):] if k.startswith("diffloss.") else "backbone." + k
+
+    def samples(m: DisconObjective, g: torch.Generator) -> torch.Tensor | None:
+        from . import sample_tokens  # written with the pipeline; absent until then
+        n = min(cfg.num_samples, len(ds))
+        batch = collate([ds.get(i, False) for i in range(n)])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        cond = batch["tokens"].flatten(1) if m.use_cond else None
+        x = sample_tokens(m.backbone, m.head, batch["labels"], cond=cond, generator=g,
+                          **{"ar_steps": 16, **sample_opts})
+        h, w = batch["tokens"].shape[-2:]
+        p = m.patch
+        latents = unpatchify(x.float(), ctok.latent_channels, h * p, w * p, p)
+        return ctok.decode(latents)
+
+    return Recipe("discon", model, ds, collate, _mar_no_decay, to_file, from_file, samples,
+                  info={"dtok": ds.manifest["dtok"]["preset"], "ctok": ds.manifest["ctok"]["preset"]})
+
+
+def recipe_prior(cfg: TrainConfig, device) -> Recipe:
+    ds, collate = _open_cache(cfg)
+    prior = build_component("prior", cfg.components["prior"], device)
+    model = PriorObjective(prior)
+    sample_opts = dict(cfg.recipe_options.get("sampling", {}) or {})
+
+    def samples(m: PriorObjective, g: torch.Generator) -> torch.Tensor:
+        dtok = _cache_tokenizer(cfg, ds, "dtok", device)
+        labels = torch.arange(cfg.num_samples, device=device) % m.prior.num_classes
+        opts = {"cfg_scale": 0.0, "temperature": 1.0, **sample_opts}
+        tokens = m.prior.sample(labels, generator=g, **opts)
+        return dtok.decode(tokens)
+
+    return Recipe("prior", model, ds, collate, _rar_no_decay,
+                  to_file=lambda k: k[len("prior."):], from_file=lambda k: "prior." + k,
+                  samples=samples, info={"dtok": ds.manifest["dtok"]["preset"]})
+
+
+def recipe_tokenizer(cfg: TrainConfig, device) -> Recipe:
+    from .data import build_dataset, collate_images
+    if "cache" in cfg.data:
+        raise DisconError("the tokenizer recipe trains on images: data must be a dataset "
+                          "mapping ({type: fashion-mnist} or {type: folder, root: ...})")
+    ds = build_dataset(cfg.data)
+    spec = component_spec(cfg.components.get("tokenizer"), "tokenizer")
+    kind = spec.get("kind")
+    if kind not in ("dtok", "ctok"):
+        raise DisconError("components.tokenizer.kind must be dtok or ctok, got "
+                          f"{kind!r}")
+    tok = build_component(kind, spec, device)
+    model = TokenizerObjective(tok)
+
+    def samples(m: TokenizerObjective, g: torch.Generator) -> torch.Tensor:
+        n = max(1, cfg.num_samples // 2)
+        images = collate_images([ds.get(i, False) for i in range(n)])["images"].to(device)
+        rec = m.tok.decode(m.tok.encode(images))
+        return torch.cat([images, rec.clamp(0, 1)])
+
+    return Recipe("tokenizer", model, ds, collate_images, _plain_no_decay,
+                  to_file=lambda k: k[len("tok."):], from_file=lambda k: "tok." + k,
+                  samples=samples, info={"kind": kind})
+
+
+RECIPES: dict[str, Callable[[TrainConfig, torch.device], Recipe]] = {
+    "discon": recipe_discon, "prior": recipe_prior, "tokenizer": recipe_tokenizer}
+
+
+def make_recipe(cfg: TrainConfig, device) -> Recipe:
+    """A built-in recipe by name, or ``package.module:function`` for your own."""
+    if ":" in cfg.recipe:
+        mod, _, fn = cfg.recipe.partition(":")
+        try:
+            return getattr(importlib.import_module(mod), fn)(cfg, device)
+        except (ImportError, AttributeError) as e:
+            raise DisconError(f"recipe {cfg.recipe!r} cannot be imported: {e}") from None
+    if cfg.recipe not in RECIPES:
+        raise DisconError(f"unknown recipe {cfg.recipe!r}; built-in: {', '.join(RECIPES)} (or "
+                          f"package.module:function){close_matches(cfg.recipe, RECIPES)}")
+    return RECIPES[cfg.recipe](cfg, device)
+
+
+# ------------------------------------------------------------------------------------------------
+# Learning rate, parameter groups, EMA
+
+def base_lr(opt: OptimConfig, global_batch: int) -> float:
+    return opt.lr if opt.lr is not None else opt.blr * global_batch / 256
+
+
+def lr_at(step: int, *, lr: float, warmup: int, total: int, schedule: str, min_lr: float) -> float:
+    """MAR's per-iteration schedule: linear warmup from 0, then constant or half-cosine."""
+    if step < warmup:
+        return lr * step / warmup
+    if schedule == "constant":
+        return lr
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def param_groups(model: nn.Module, recipe: Recipe, weight_decay: float) -> list[dict]:
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        (no_decay if recipe.no_decay(recipe.to_file(name), p) else decay).append(p)
+    return [{"params": no_decay, "weight_decay": 0.0}, {"params": decay, "weight_decay": weight_decay}]
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters (MAR: ``ema = r*ema + (1-r)*p``),
+    in float32, aligned with ``model.parameters()`` (local shards under FSDP)."""
+
+    def __init__(self, params: list[nn.Parameter], rate: float):
+        self.params, self.rate = params, rate
+        self.shadow = [p.detach().float().clone() for p in params]
+
+    @torch.no_grad()
+    def update(self) -> None:
+        # one fused multi-tensor op per step instead of 2 kernels per parameter
+        current = [p.detach().float() for p in self.params]
+        torch._foreach_mul_(self.shadow, self.rate)
+        torch._foreach_add_(self.shadow, current, alpha=1.0 - self.rate)
+
+    @contextlib.contextmanager
+    def swapped(self):
+        """Temporarily put the EMA values into the model's parameters."""
+        backup = [p.detach().clone() for p in self.params]
+        with torch.no_grad():
+            for p, s in zip(self.params, self.shadow):
+                p.copy_(s)
+        try:
+            yield
+        finally:
+            with torch.no_grad():
+                for p, b in zip(self.params, backup):
+                    p.copy_(b)
+
+    @torch.no_grad()
+    def copy_from_params(self) -> None:
+        for s, p in zip(self.shadow, self.params):
+            s.copy_(p.detach().float())
+
+
+# ------------------------------------------------------------------------------------------------
+# RNG state (stored as tensors and plain containers so that weights_only loading works)
+
+def rng_state(generator: torch.Generator) -> dict[str, Any]:
+    np_state = np.random.get_state()
+    py_version, py_state, py_gauss = random.getstate()
+    state = {"torch": torch.get_rng_state(),
+             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)),
+                       "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
+                       "cached_gaussian": float(np_state[4])},
+             "python": {"version": int(py_version), "state": torch.tensor(py_state, dtype=torch.int64),
+                        "gauss": py_gauss},
+             "generator": generator.get_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any], generator: torch.Generator) -> None:
+    torch.set_rng_state(state["torch"])
+    n = state["numpy"]
+    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
+                         n["cached_gaussian"]))
+    p = state["python"]
+    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
+    generator.set_state(state["generator"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def _gather(obj: Any, world: int) -> list[Any]:
+    if world == 1:
+        return [obj]
+    out: list[Any] = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# The trainer
+
+def _identity_keys(cfg: TrainConfig) -> dict[str, Any]:
+    """The parts of a config that must not change across --resume."""
+    comps = {k: component_spec(v, k) for k, v in cfg.components.items()}
+    for v in comps.values():
+        v.pop("checkpoint", None)  # the init checkpoint is irrelevant once resumed
+    return {"recipe": cfg.recipe, "components": comps, "batch_size": cfg.batch_size,
+            "seed": cfg.seed}
+
+
+class Trainer:
+    """Runs a :class:`TrainConfig`. ``Trainer(cfg).fit(resume=...)`` returns the final step."""
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg
+        self.rank, self.world, self.device = setup_distributed(cfg.device)
+        self.out = Path(cfg.out)
+        # The same init on every rank (FSDP does not broadcast it, unlike DDP) ...
+        torch.manual_seed(cfg.seed)
+        self.recipe = make_recipe(cfg, self.device)
+        # ... then per-rank streams, so ranks draw different masks/noise (MAR: seed + rank).
+        seed = cfg.seed + self.rank
+        torch.manual_seed(seed)
+        np.random.seed(seed)
+        random.seed(seed)
+        self.generator = torch.Generator(self.device).manual_seed(seed)
+        model = self.recipe.model.to(self.device)
+        if cfg.grad_checkpointing:
+            self._enable_grad_checkpointing(model)
+        self.module = model                       # unwrapped
+        self.params = [p for p in model.parameters() if p.requires_grad]
+        if not self.params:
+            raise DisconError(f"recipe {cfg.recipe!r} has no trainable parameters")
+        if cfg.fsdp and self.world == 1:
+            log.warning("fsdp: true with a single process: nothing to shard, training unwrapped")
+        if cfg.fsdp and self.world > 1:
+            from torch.distributed.fsdp import fully_shard
+            for sub in model.modules():
+                if isinstance(sub, nn.ModuleList):
+                    for block in sub:
+                        fully_shard(block)
+            fully_shard(model)
+            self.params = [p for p in model.parameters() if p.requires_grad]
+            self.wrapped = model
+        elif self.world > 1:
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.wrapped = nn.parallel.DistributedDataParallel(model, device_ids=ids)
+        else:
+            self.wrapped = model
+        if cfg.compile:
+            self.wrapped = torch.compile(self.wrapped)
+        num_items = len(self.recipe.dataset)
+        from .data import BatchOrder
+        self.order = BatchOrder(num_items, cfg.batch_size, cfg.seed, rank=self.rank,
+                                world=self.world, flip=self.recipe.flip)
+        spe = self.order.steps_per_epoch
+        self.total_steps = int(cfg.steps if cfg.steps is not None else round(cfg.epochs * spe))
+        o = cfg.optimizer
+        self.warmup = int(o.warmup_steps if o.warmup_steps is not None
+                          else round((o.warmup_epochs or 0) * spe))
+        self.lr = base_lr(o, cfg.batch_size)
+        self.optimizer = torch.optim.AdamW(param_groups(self.module, self.recipe, o.weight_decay),
+                                           lr=self.lr, betas=o.betas)
+        self.ema = EMA(self.params, cfg.ema_rate)
+        self.step = 0
+        self.dropped = 0
+        self.last_good: Path | None = None
+
+    # -- helpers ---------------------------------------------------------------------------------
+    def _enable_grad_checkpointing(self, model: nn.Module) -> None:
+        done = False
+        for sub in model.modules():
+            if hasattr(sub, "set_grad_checkpointing"):
+                sub.set_grad_checkpointing(True)
+                done = True
+            elif hasattr(sub, "grad_checkpointing"):
+                sub.grad_checkpointing = True
+                done = True
+        if not done:
+            raise DisconError("grad_checkpointing: true, but no component of this recipe supports "
+                              "it (no grad_checkpointing attribute or set_grad_checkpointing())")
+
+    def _full_state(self) -> dict[str, torch.Tensor]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+        sd = get_model_state_dict(self.module, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+        return {self.recipe.to_file(k): v.detach().cpu().clone() for k, v in sd.items()}
+
+    def _set_full_state(self, file_sd: Mapping[str, torch.Tensor], what: str, path: Path) -> None:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+        sd = {self.recipe.from_file(k): v for k, v in file_sd.items()}
+        expected = set(self.module.state_dict())
+        if set(sd) != expected:
+            missing, extra = sorted(expected - set(sd)), sorted(set(sd) - expected)
+            raise DisconError(f"checkpoint {path} ({what}) does not fit this model: missing "
+                              f"{missing[:8]}, unexpected {extra[:8]}")
+        set_model_state_dict(self.module, sd, options=StateDictOptions(full_state_dict=True))
+
+    def checkpoint_path(self) -> Path:
+        return self.out / LAST
+
+    def save(self) -> Path:
+        """Write checkpoint-last.pth atomically (every rank takes part in the gathers)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+        from .checkpoints import save_atomic
+        model_sd = self._full_state()
+        with self.ema.swapped():
+            ema_sd = self._full_state()
+        opt_sd = get_optimizer_state_dict(self.module, self.optimizer, options=StateDictOptions(
+            full_state_dict=True, cpu_offload=True))
+        rngs = _gather(rng_state(self.generator), self.world)
+        path = self.checkpoint_path()
+        if self.rank == 0:
+            state = {
+                "model": model_sd, "model_ema": ema_sd, "optimizer": opt_sd,
+                "scheduler": {"schedule": self.cfg.optimizer.schedule, "lr": self.lr,
+                              "warmup_steps": self.warmup, "total_steps": self.total_steps},
+                "step": self.step, "data": self.order.position(self.step),
+                "rng": rngs, "world_size": self.world, "dropped_items": self.dropped,
+                "format": CHECKPOINT_FORMAT, "recipe": self.recipe.name,
+                "identity": json.dumps(_identity_keys(self.cfg), sort_keys=True),
+                "config": yaml.safe_dump(self.cfg.as_dict(), sort_keys=False),
+                "info": json.dumps(self.recipe.info)}
+            save_atomic(state, path)
+            if self.cfg.keep_every and self.step % self.cfg.keep_every == 0:
+                save_atomic(state, self.out / f"checkpoint-{self.step:07d}.pth")
+        if self.world > 1:
+            torch.distributed.barrier()
+        self.last_good = path
+        return path
+
+    def load(self, path: str | os.PathLike) -> None:
+        """Restore everything from a checkpoint written by :meth:`save`."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+        from .checkpoints import load_file
+        path = Path(path)
+        state = load_file(path)
+        if not isinstance(state, Mapping) or state.get("format") != CHECKPOINT_FORMAT:
+            raise DisconError(f"{path} is not a discon training checkpoint (format "
+                              f"{state.get('format') if isinstance(state, Mapping) else None!r}); "
+                              "to start from weights only, set components.<kind>.checkpoint")
+        have, want = json.loads(state["identity"]), _identity_keys(self.cfg)
+        if have != want:
+            diff = sorted(k for k in want if have.get(k) != want.get(k))
+            raise DisconError(f"cannot resume from {path}: the config differs in "
+                              f"{', '.join(diff)} (checkpoint: "
+                              f"{ {k: have.get(k) for k in diff} }, config: "
+                              f"{ {k: want.get(k) for k in diff} })")
+        self._set_full_state(state["model_ema"], "model_ema", path)
+        self.ema.copy_from_params()
+        self._set_full_state(state["model"], "model", path)
+        set_optimizer_state_dict(self.module, self.optimizer, state["optimizer"],
+                                 options=StateDictOptions(full_state_dict=True))
+        self.step = int(state["step"])
+        self.dropped = int(state.get("dropped_items", 0))
+        if int(state["world_size"]) == self.world:
+            set_rng_state(state["rng"][self.rank], self.generator)
+        else:
+            log.warning("resuming with %d processes from a %d-process checkpoint: the random "
+                        "streams restart (the run continues, but not bit-exactly)",
+                        self.world, int(state["world_size"]))
+        self.last_good = path
+        if self.rank == 0:
+            log.info("resumed from %s at step %d", path, self.step)
+
+    def _trim_log(self) -> None:
+        """Drop log lines past the step we start from (steps a killed run did not checkpoint)."""
+        path = self.out / "log.jsonl"
+        if not path.is_file():
+            return
+        kept = [line for line in path.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def _log(self, record: dict) -> None:
+        if self.rank == 0:
+            with open(self.out / "log.jsonl", "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+    def _samples(self) -> None:
+        if self.recipe.samples is None:
+            return
+        if not self.cfg.fsdp and self.rank != 0:
+            return
+        from .images import save_grid
+        g = torch.Generator(self.device).manual_seed(self.cfg.seed)
+        rng = torch.get_rng_state()  # sampling must not shift the training RNG streams
+        self.module.eval()
+        try:
+            with self.ema.swapped(), torch.no_grad(), self._autocast():
+                images = self.recipe.samples(self.module, g)
+        except ImportError as e:
+            log.warning("sample grid skipped: %s", e)
+            images = None
+        finally:
+            self.module.train()
+            torch.set_rng_state(rng)
+        if images is not None and self.rank == 0:
+            save_grid(images.float(), self.out / "samples" / f"step-{self.step:07d}.png",
+                      upscale=max(1, 128 // images.shape[-1]))
+
+    def _autocast(self):
+        return torch.autocast(self.device.type, dtype=torch.bfloat16,
+                              enabled=self.cfg.precision == "bf16")
+
+    def _to_device(self, batch: dict) -> dict:
+        return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v
+                for k, v in batch.items()}
+
+    # -- the loop --------------------------------------------------------------------------------
+    def fit(self, resume: str | os.PathLike | bool | None = None) -> int:
+        """Train to ``total_steps``; ``resume``: a checkpoint path, or True for out/checkpoint-last.pth
+        (a fresh start when it does not exist yet)."""
+        from tqdm.auto import tqdm
+
+        from .data import StepBatches
+        self.out.mkdir(parents=True, exist_ok=True)
+        if resume:
+            path = self.checkpoint_path() if resume is True else Path(resume)
+            if path.is_file():
+                self.load(path)
+            elif resume is not True:
+                raise DisconError(f"--resume: checkpoint {path} does not exist")
+        if self.rank == 0:
+            (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.as_dict(), sort_keys=False))
+            self._trim_log()
+        loader = torch.utils.data.DataLoader(
+            StepBatches(self.recipe.dataset, self.order, self.recipe.collate, self.step,
+                        self.total_steps),
+            batch_size=None, shuffle=False, num_workers=self.cfg.num_workers,
+            pin_memory=self.device.type == "cuda",
+            # its own generator: creating the iterator must not draw from the global RNG,
+            # which a resumed run has just restored
+            generator=torch.Generator().manual_seed(self.cfg.seed))
+        bar = tqdm(total=self.total_steps, initial=self.step, unit="step", desc=self.recipe.name,
+                   disable=not self.cfg.progress or self.rank != 0)
+        per_rank = self.cfg.batch_size // self.world
+        t0, seen = time.perf_counter(), 0
+        self.wrapped.train()
+        for batch in loader:
+            self.dropped += per_rank - len(batch["labels"])
+            batch = self._to_device(batch)
+            lr = lr_at(self.step, lr=self.lr, warmup=self.warmup, total=self.total_steps,
+                       schedule=self.cfg.optimizer.schedule, min_lr=self.cfg.optimizer.min_lr)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            with self._autocast():
+                loss, logs = self.wrapped(batch, step=self.step, generator=self.generator)
+            loss_value = float(loss.detach())
+            if _all_reduce_max(0.0 if math.isfinite(loss_value) else 1.0, self.world):
+                self._nonfinite("loss", loss_value, lr)
+            self.optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            clip = self.cfg.grad_clip if self.cfg.grad_clip else float("inf")
+            gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+            if hasattr(gnorm, "full_tensor"):
+                gnorm = gnorm.full_tensor()
+            if not torch.isfinite(gnorm):
+                self._nonfinite("gradient norm", float(gnorm), lr)
+            self.optimizer.step()
+            self.ema.update()
+            self.step += 1
+            seen += self.cfg.batch_size
+            bar.update(1)
+            if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+                dt = time.perf_counter() - t0
+                record = {"step": self.step, "loss": loss_value, "lr": lr,
+                          "grad_norm": float(gnorm), "images_per_s": seen / dt if dt else None,
+                          **{k: float(v) for k, v in (logs or {}).items()}}
+                if self.dropped:
+                    record["dropped_items"] = self.dropped
+                self._log(record)
+                bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
+                t0, seen = time.perf_counter(), 0
+            if self.step % self.cfg.ckpt_every == 0 or self.step == self.total_steps:
+                self.save()
+            if self.cfg.sample_every and (self.step % self.cfg.sample_every == 0
+                                          or self.step == self.total_steps):
+                self._samples()
+        bar.close()
+        if self.step < self.total_steps:
+            raise DisconError(f"data ran out at step {self.step} of {self.total_steps}")
+        return self.step
+
+    def _nonfinite(self, what: str, value: float, lr: float) -> None:
+        self._log({"step": self.step, "event": "nonfinite", "what": what, "value": str(value),
+                   "lr": lr})
+        keep = (f"the last good checkpoint {self.last_good} is kept" if self.last_good
+                else "no checkpoint was written yet")
+        raise DisconError(f"{what} is {value} at step {self.step}: training stopped; {keep}. "
+                          "Lower the learning rate (optimizer.blr), keep grad_clip on, or use "
+                          "precision: fp32, then continue with --resume")
+
+
+def train(cfg: TrainConfig, resume: str | os.PathLike | bool | None = None) -> Path:
+    """Run one training config; returns the path of its final checkpoint."""
+    trainer = Trainer(cfg)
+    try:
+        trainer.fit(resume=resume)
+    finally:
+        teardown_distributed()
+    return trainer.checkpoint_path()
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m discon_core.train CONFIG [--resume] [--set k=v ...]`` (what torchrun launches)."""
+    from .cli import main as cli_main
+    import sys
+    return cli_main(["train", *(argv if argv is not None else sys.argv[1:])])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

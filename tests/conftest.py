@@ -1,0 +1,41 @@
+"""Shared test setup: isolation from installed third-party plugins and from the user's cache,
+and the path to the reference fixtures in ../shared (tests that need them skip without it)."""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+
+os.environ["DISCON_DISABLE_PLUGINS"] = "1"
+os.environ.pop("DISCON_REGISTRY", None)
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = Path(os.environ.get("DISCON_SHARED", REPO.parent / "shared"))
+
+
+@pytest.fixture(autouse=True)
+def _isolated_home(tmp_path_factory, monkeypatch):
+    monkeypatch.setenv("DISCON_HOME", str(tmp_path_factory.mktemp("discon_home")))
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    """../shared (the spec and reference fixtures); skips the test when it is absent."""
+    if not (SHARED / "fixtures").is_dir():
+        pytest.skip(f"reference fixtures not found at {SHARED} (set DISCON_SHARED)")
+    return SHARED
+
+
+def load_fixture(shared: Path, name: str):
+    """(config dict, io dict, fixture folder) of ../shared/fixtures/<name>."""
+    folder = shared / "fixtures" / name
+    config = json.loads((folder / "config.json").read_text())
+    io = torch.load(folder / "io.pt", map_location="cpu", weights_only=True)
+    return config, io, folder
+
+
+def load_manifest(shared: Path, name: str) -> dict:
+    return json.loads((shared / "spec" / "manifests" / f"{name}.keys.json").read_text())

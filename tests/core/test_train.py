@@ -1,0 +1,292 @@
+"""The trainer's mechanics on a stand-in task (tests/core/toy_recipe.py): schedule, parameter
+groups, checkpoints loadable with weights_only, SIGKILL + --resume == uninterrupted (exact),
+2-process torchrun (gloo) == 1 process with the same global batch, NaN stop, crash-safe saves."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from discon_core.checkpoints import load_file
+from discon_core.errors import DisconError
+from discon_core.train import (Trainer, TrainConfig, _mar_no_decay, _rar_no_decay, lr_at,
+                               patchify, train, unpatchify)
+from tests.conftest import REPO
+
+TOY = {
+    "recipe": "tests.core.toy_recipe:make", "components": {"toy": "none"}, "data": {},
+    "steps": 12, "batch_size": 16, "optimizer": {"lr": 0.01, "warmup_steps": 3},
+    "ckpt_every": 4, "log_every": 2, "ema_rate": 0.9, "progress": False,
+    "recipe_options": {"noise": True},
+}
+
+
+def toy_config(out: Path, **changes) -> TrainConfig:
+    raw = {**TOY, "out": str(out), **changes}
+    return TrainConfig.from_dict(raw)
+
+
+def write_config(path: Path, out: Path, **changes) -> Path:
+    path.write_text(yaml.safe_dump({**TOY, "out": str(out), **changes}))
+    return path
+
+
+def env() -> dict:
+    e = dict(os.environ)
+    e["PYTHONPATH"] = str(REPO) + os.pathsep + e.get("PYTHONPATH", "")
+    e["OMP_NUM_THREADS"] = "1"
+    return e
+
+
+def assert_same_state(a: dict, b: dict, exact: bool = True, atol: float = 0.0) -> None:
+    for part in ("model", "model_ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            if exact:
+                assert torch.equal(a[part][k], b[part][k]), (part, k)
+            else:
+                torch.testing.assert_close(a[part][k], b[part][k], atol=atol, rtol=0, msg=k)
+
+
+def test_lr_schedule_warmup_constant_cosine():
+    kw = dict(lr=1.0, warmup=10, total=110, min_lr=0.1)
+    assert lr_at(0, schedule="constant", **kw) == 0.0      # MAR: the first step runs at lr 0
+    assert lr_at(5, schedule="constant", **kw) == 0.5
+    assert lr_at(10, schedule="constant", **kw) == 1.0
+    assert lr_at(100, schedule="constant", **kw) == 1.0
+    assert lr_at(10, schedule="cosine", **kw) == pytest.approx(1.0)
+    assert lr_at(60, schedule="cosine", **kw) == pytest.approx(0.55)
+    assert lr_at(110, schedule="cosine", **kw) == pytest.approx(0.1)
+
+
+def test_param_group_rules():
+    w2, w1 = torch.zeros(3, 3), torch.zeros(3)
+    assert not _mar_no_decay("encoder_blocks.0.attn.qkv.weight", w2)
+    assert _mar_no_decay("encoder_blocks.0.attn.qkv.bias", w1)
+    assert _mar_no_decay("diffloss.net.input_proj.weight", w2)     # MAR: no decay in the head
+    assert _mar_no_decay("encoder_norm.weight", w1)
+    assert _rar_no_decay("embeddings.weight", w2) and _rar_no_decay("adaln_before_head.w", w2)
+    assert not _rar_no_decay("cls_token", torch.zeros(1, 1, 3))
+
+
+def test_patchify_roundtrip_and_order():
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
+    t = patchify(x, 1)
+    assert t.shape == (2, 16, 3) and torch.equal(t[0, 1], x[0, :, 0, 1])
+    for p in (1, 2):
+        assert torch.equal(unpatchify(patchify(x, p), 3, 4, 4, p), x)
+
+
+def test_config_errors_name_the_key(tmp_path):
+    with pytest.raises(DisconError, match="unknown key.*stepz"):
+        TrainConfig.from_dict({**TOY, "stepz": 3})
+    with pytest.raises(DisconError, match="precision"):
+        toy_config(tmp_path, precision="fp8")
+    with pytest.raises(DisconError, match="exactly one of steps or epochs"):
+        toy_config(tmp_path, epochs=2)
+    with pytest.raises(DisconError, match="unknown recipe 'dicson'.*discon"):
+        Trainer(toy_config(tmp_path, recipe="dicson"))
+
+
+def test_checkpoint_contents_and_log(tmp_path):
+    path = train(toy_config(tmp_path / "run"))
+    state = torch.load(path, weights_only=True)       # RNG and config stored as plain data
+    assert state["step"] == 12 and state["world_size"] == 1
+    assert state["data"] == {"epoch": 2, "batch": 0, "global_batch": 16, "seed": 1,
+                             "num_items": 96}
+    assert set(state["model"]) == {"fc1.weight", "fc1.bias", "norm.weight", "norm.bias",
+                                   "fc2.weight", "fc2.bias"}
+    assert not torch.equal(state["model"]["fc1.weight"], state["model_ema"]["fc1.weight"])
+    assert len(state["optimizer"]["param_groups"]) == 2
+    lines = [yaml.safe_load(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in lines] == [2, 4, 6, 8, 10, 12]
+    assert {"loss", "lr", "grad_norm", "images_per_s"} <= set(lines[-1])
+    assert lines[0]["lr"] == pytest.approx(0.01 / 3)   # logged lr is that of the last step
+
+
+@pytest.mark.slow
+def test_sigkill_then_resume_is_exact(tmp_path):
+    """Killed mid-way (after the step-8 checkpoint, at step 10), resumed: the same weights,
+    EMA and optimizer state as a run that was never interrupted."""
+    steps = {"steps": 16}
+    ref_cfg = write_config(tmp_path / "ref.yaml", tmp_path / "ref", **steps)
+    subprocess.run([sys.executable, "-m", "discon_core.cli", "train", str(ref_cfg)], cwd=REPO,
+                   env=env(), check=True, capture_output=True)
+    reference = load_file(tmp_path / "ref" / "checkpoint-last.pth")
+
+    out = tmp_path / "killed"
+    cfg = write_config(tmp_path / "kill.yaml", out, **steps,
+                       recipe_options={"noise": True, "block_at_step": 10})
+    proc = subprocess.Popen([sys.executable, "-m", "discon_core.cli", "train", str(cfg)],
+                            cwd=REPO, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        while not (out / "blocked").exists():
+            assert proc.poll() is None, proc.stdout.read().decode()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        assert proc.wait() == -signal.SIGKILL
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert torch.load(out / "checkpoint-last.pth", weights_only=True)["step"] == 8
+
+    result = subprocess.run([sys.executable, "-m", "discon_core.cli", "train", str(cfg),
+                             "--resume", "--set", "recipe_options.block_at_step=null"],
+                            cwd=REPO, env=env(), capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    resumed = load_file(out / "checkpoint-last.pth")
+    assert resumed["step"] == 16
+    logged = [yaml.safe_load(x)["step"] for x in (out / "log.jsonl").read_text().splitlines()]
+    assert logged == list(range(2, 17, 2))      # the lost steps 9-10 are not logged twice
+    assert_same_state(reference, resumed, exact=True)
+    for k, v in reference["optimizer"]["state"].items():
+        for name, t in v.items():
+            assert torch.equal(t, resumed["optimizer"]["state"][k][name]), (k, name)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_two_process_ddp_matches_one_process(tmp_path, fsdp):
+    """torchrun --nproc_per_node 2 (gloo) == 1 process at the same global batch, with DDP and
+    with FSDP2 (which, unlike DDP, relies on every rank building the same init)."""
+    changes = {"steps": 6, "recipe_options": {"noise": False}}
+    single = load_file(train(toy_config(tmp_path / "one", **changes)))
+    cfg = write_config(tmp_path / "ddp.yaml", tmp_path / "two", fsdp=fsdp, **changes)
+    result = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         "-m", "discon_core.cli", "train", str(cfg)],
+        cwd=REPO, env=env(), capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    double = load_file(tmp_path / "two" / "checkpoint-last.pth")
+    assert double["world_size"] == 2 and len(double["rng"]) == 2
+    assert_same_state(single, double, exact=False, atol=1e-6)
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    cfg = toy_config(tmp_path / "nan", recipe_options={"noise": True, "nan_at_step": 6})
+    with pytest.raises(DisconError, match=r"loss is nan at step 6.*checkpoint-last.pth is kept"):
+        train(cfg)
+    state = load_file(tmp_path / "nan" / "checkpoint-last.pth")
+    assert state["step"] == 4
+    assert all(torch.isfinite(v).all() for v in state["model"].values())
+    last = (tmp_path / "nan" / "log.jsonl").read_text().splitlines()[-1]
+    assert '"nonfinite"' in last
+
+
+def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
+    trainer = Trainer(toy_config(tmp_path / "disk", steps=4))
+    trainer.fit()
+    before = (tmp_path / "disk" / "checkpoint-last.pth").read_bytes()
+
+    def full_disk(obj, f, *a, **k):
+        f.write(b"partial")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", full_disk)
+    trainer.step = 5
+    with pytest.raises(OSError, match="No space left"):
+        trainer.save()
+    assert (tmp_path / "disk" / "checkpoint-last.pth").read_bytes() == before
+    assert [p.name for p in (tmp_path / "disk").iterdir() if p.name.endswith(".tmp")] == []
+
+
+def test_resume_refuses_a_different_config(tmp_path):
+    train(toy_config(tmp_path / "r", steps=4))
+    with pytest.raises(DisconError, match="batch_size"):
+        Trainer(toy_config(tmp_path / "r", steps=8, batch_size=32)).fit(resume=True)
+    with pytest.raises(DisconError, match="does not exist"):
+        Trainer(toy_config(tmp_path / "r2", steps=8)).fit(resume=tmp_path / "nope.pth")
+
+
+# ------------------------------------------------------------------------------------------------
+# Shipped configs, and the real recipes end to end
+
+def _referenced_presets(components: dict):
+    from discon_core.train import component_spec
+    for kind, spec in components.items():
+        s = component_spec(spec, kind)
+        yield s.get("kind", kind), s["preset"]
+
+
+@pytest.mark.parametrize("name", ["imagenet_discon_l.yaml", "fmnist_discon_tiny.yaml"])
+def test_shipped_train_configs_validate(name):
+    from discon_core.registry import resolve
+    cfg = TrainConfig.load(REPO / "configs" / name)
+    for kind, preset in _referenced_presets(cfg.components):
+        resolve(kind, preset)
+    assert {"backbone", "head"} <= set(cfg.components)
+
+
+def test_shipped_study_config_validates():
+    from discon_core.registry import resolve
+    from discon_core.study import STUDY_KEYS
+    raw = yaml.safe_load((REPO / "configs" / "fmnist_cpu.yaml").read_text())
+    assert set(raw) <= STUDY_KEYS
+    for sec, recipe in (("dtok", "tokenizer"), ("ctok", "tokenizer"), ("discon", "discon"),
+                        ("prior", "prior")):
+        TrainConfig.from_dict({**raw[sec]["train"], "recipe": recipe, "components": {"x": "y"},
+                               "data": {}})
+    resolve("dtok", raw["dtok"]["preset"])
+    resolve("ctok", raw["ctok"]["preset"])
+    resolve("prior", raw["prior"]["preset"])
+    resolve("backbone", raw["discon"]["backbone"])
+    resolve("head", raw["discon"]["head"])
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny models are dominated by per-op overhead; with other jobs on the cores, idle OpenMP
+    workers get descheduled between ops (several times slower than one thread)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.mark.slow
+def test_study_end_to_end_and_stage_reuse(tmp_path, capsys, one_thread):
+    """tokenizers -> cache -> discon-tiny + rar-tiny -> sample grid, on a tiny schedule; a
+    second run reuses every stage; checkpoints load through build() (MAR layout)."""
+    from discon_core import build
+    from discon_core.study import run_study
+    from tests.core.test_data import fake_fashion_mnist
+
+    root = fake_fashion_mnist(tmp_path / "fm", n=32)
+    small = ["out=" + str(tmp_path / "study"), f"data.root={root}", "data.limit=null",
+             "cache.shard_size=20", "ctok.stats_items=32", "sample.rows=1", "sample.ar_steps=2"]
+    for stage in ("dtok", "ctok", "discon", "prior"):
+        small += [f"{stage}.train.steps=2", f"{stage}.train.batch_size=8",
+                  f"{stage}.train.sample_every=2", f"{stage}.train.num_samples=4",
+                  f"{stage}.train.ckpt_every=2"]
+    config = REPO / "configs" / "fmnist_cpu.yaml"
+    grid = run_study(config, small)
+    from PIL import Image
+    assert Image.open(grid).size[0] > 10 * 32
+    first = capsys.readouterr().out
+    for stage in ("dtok", "ctok", "discon", "prior"):   # EMA sample grids of every recipe
+        assert (tmp_path / "study" / stage / "samples" / "step-0000002.png").is_file()
+    assert "discon: training" in first and "cache: pre-tokenizing" in first
+    run_study(config, small)
+    again = capsys.readouterr().out
+    for stage in ("dtok", "ctok", "discon", "prior"):
+        assert f"{stage}: reusing" in again
+    assert "cache: reusing" in again
+    ckpt = tmp_path / "study" / "discon" / "checkpoint-last.pth"
+    state = torch.load(ckpt, weights_only=True)
+    assert any(k.startswith("diffloss.") for k in state["model"])
+    assert not any(k.startswith(("backbone.", "head.")) for k in state["model"])
+    build("backbone", "discon-tiny", checkpoint=ckpt)
+    build("head", "discon-tiny", checkpoint=ckpt)
+    build("prior", "rar-tiny", checkpoint=tmp_path / "study" / "prior" / "checkpoint-last.pth")
+    # continuing a stage: more steps resume from its checkpoint
+    run_study(config, small + ["prior.train.steps=3"])
+    assert "prior: resuming at step 2" in capsys.readouterr().out
+    assert torch.load(tmp_path / "study" / "prior" / "checkpoint-last.pth",
+                      weights_only=True)["step"] == 3

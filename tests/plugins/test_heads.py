@@ -1,0 +1,167 @@
+"""Heads: MAR diffusion-loss parity (net, schedules, losses, chains) and the flow head."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import discon_plugins.heads as heads
+from discon_core import DisconError, build
+from discon_plugins.gaussian_diffusion import GaussianDiffusion
+
+ATOL = RTOL = 1e-4
+
+
+@pytest.fixture(scope="module")
+def fx(shared):
+    from tests.conftest import load_fixture
+    config, io, folder = load_fixture(shared, "mar_tiny")
+    head = build("head", "diffusion", checkpoint=folder / "ckpt.pth", **config["kwargs"])
+    return head, io["inputs"], io["outputs"], config, folder
+
+
+def close(got, exp, atol=ATOL, rtol=RTOL):
+    assert got.shape == exp.shape
+    torch.testing.assert_close(got.to(exp.dtype), exp, atol=atol, rtol=rtol)
+
+
+def test_net_parity(fx):
+    head, i, o, _, _ = fx
+    net = head.net
+    assert (head.token_dim, head.z_dim) == (8, 48)
+    close(net.time_embed.timestep_embedding(i["head_t"], 256), o["head_t_freq"])
+    close(net(i["head_x"], i["head_t"], i["head_c"]), o["head_out"])
+    x2, t2 = torch.cat([i["head_x"]] * 2), torch.cat([i["head_t"]] * 2)
+    close(net.forward_with_cfg(x2, t2, o["head_cfg_c"], 3.0), o["head_cfg_out"])
+
+
+def test_schedules_and_respacing(fx):
+    head, _, o, _, _ = fx
+    train = head.train_diffusion
+    torch.testing.assert_close(train.betas, o["sched_train_betas"], atol=1e-15, rtol=0)
+    torch.testing.assert_close(train.alphas_cumprod, o["sched_train_alphas_cumprod"], atol=1e-15, rtol=0)
+    gen = head.gen_diffusion
+    for name in ("betas", "alphas_cumprod", "posterior_variance", "posterior_log_variance_clipped",
+                 "posterior_mean_coef1", "posterior_mean_coef2"):
+        torch.testing.assert_close(getattr(gen, name), o[f"sched_gen100_{name}"], atol=1e-12, rtol=1e-12)
+    assert torch.equal(gen.timestep_map, o["sched_gen100_timestep_map"])
+    for n in (50, 25, 10):
+        assert torch.equal(GaussianDiffusion(str(n)).timestep_map, o[f"sched_gen{n}_timestep_map"])
+
+
+def test_training_losses_and_reverse_step(fx):
+    head, i, o, _, _ = fx
+    d = head.train_diffusion
+    close(d.q_sample(i["head_x"], i["head_t"], i["head_noise"]), o["q_sample"])
+    terms = d.training_losses(head.net, i["head_x"], i["head_t"], i["head_c"], i["head_noise"])
+    close(terms["mse"], o["train_mse"])
+    close(terms["vb"], o["train_vb"], atol=1e-2)
+    close(terms["loss"], o["train_loss"], atol=1e-2)
+    pmv = head.gen_diffusion.p_mean_variance(head.net, i["head_x"], i["gen_t"], i["head_c"])
+    close(pmv["variance"], o["gen_pmv_variance"])
+    close(pmv["log_variance"], o["gen_pmv_log_variance"])
+    close(pmv["mean"], o["gen_pmv_mean"], atol=1e-2)
+    close(pmv["pred_xstart"], o["gen_pmv_pred_xstart"], atol=1e-1)
+
+
+def test_temperature_zero_chains(fx):
+    head, i, o, _, _ = fx
+    out = head.sample(i["sample_z_cond"], temperature=0.0, noise=i["sample_noise"])
+    close(out, o["sample_T0_cfg1"], atol=1e-2)
+    z = torch.cat([i["sample_z_cond"], i["sample_z_uncond"]])
+    out = head.sample(z, temperature=0.0, cfg_scale=3.0, noise=torch.cat([i["sample_noise"]] * 2))
+    close(out[:6], o["sample_T0_cfg3"], atol=1e-2)
+
+
+def test_seeded_chains_consume_rng_like_the_reference(fx):
+    head, i, o, _, _ = fx
+    out = head.sample(i["sample_z_cond"], generator=torch.Generator().manual_seed(11))
+    close(out, o["diffloss_sample_T1_cfg1"], atol=1e-2)
+    z = torch.cat([i["sample_z_cond"], i["sample_z_uncond"]])
+    out = head.sample(z, cfg_scale=3.0, generator=torch.Generator().manual_seed(12))
+    close(out, o["diffloss_sample_T1_cfg3"], atol=1e-2)
+
+
+def test_modulation_chunking_does_not_change_results(fx, monkeypatch):
+    head, i, _, _, _ = fx
+    ref = head.sample(i["sample_z_cond"], steps=25, generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(heads, "MOD_BUDGET", 1)  # one step per chunk
+    out = head.sample(i["sample_z_cond"], steps=25, generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(out, ref, atol=1e-3, rtol=1e-4)  # values reach 1e3
+
+
+def test_loss_is_per_row_and_seeded(fx):
+    head, i, _, _, _ = fx
+    loss = head.loss(i["head_x"], i["head_c"], generator=torch.Generator().manual_seed(0))
+    again = head.loss(i["head_x"], i["head_c"], generator=torch.Generator().manual_seed(0))
+    assert loss.shape == (6,) and torch.equal(loss, again)
+
+
+def flow_head(**kw):
+    torch.manual_seed(0)
+    h = build("head", "flow", vae_embed_dim=3, decoder_embed_dim=10, diffloss_d=2,
+              diffloss_w=16, **kw)
+    for p in h.parameters():  # the official init zeroes the output: use visible random weights
+        torch.nn.init.normal_(p, std=0.3)
+    return h.eval()
+
+
+def test_flow_heun_and_euler_converge_to_the_same_ode_solution():
+    h_e, h_h = flow_head(), flow_head(flow_solver="heun")
+    for h in (h_e, h_h):  # random weights oscillate fast in t (1000-scaled sinusoid): keep x-only
+        torch.nn.init.zeros_(h.net.time_embed.mlp[0].weight)
+    z = torch.randn(5, 10, generator=torch.Generator().manual_seed(1))
+    euler = h_e.sample(z, steps=400, generator=torch.Generator().manual_seed(2))
+    heun = h_h.sample(z, steps=40, generator=torch.Generator().manual_seed(2))
+    coarse = h_e.sample(z, steps=4, generator=torch.Generator().manual_seed(2))
+    err_fine, err_coarse = (euler - heun).abs().max(), (coarse - heun).abs().max()
+    assert err_fine < 0.05 * err_coarse
+
+
+def test_flow_temperature_scales_initial_noise_and_cfg_rows():
+    h = flow_head()
+    z = torch.randn(4, 10)
+    for p in h.net.final_layer.linear.parameters():
+        torch.nn.init.zeros_(p)  # zero velocity: the sample is the (scaled) initial noise
+    out = h.sample(z, temperature=0.5, generator=torch.Generator().manual_seed(0))
+    noise = torch.randn(4, 3, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, 0.5 * noise)
+    guided = h.sample(z, cfg_scale=2.0, generator=torch.Generator().manual_seed(0))
+    assert guided.shape == (4, 3)
+    torch.testing.assert_close(guided[:2], guided[2:])
+
+
+def test_flow_loss_trains():
+    h = flow_head()
+    h.train()
+    target, z = torch.randn(64, 3), torch.randn(64, 10)
+    opt = torch.optim.Adam(h.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    first = h.loss(target, z, generator=g).mean()
+    for _ in range(60):
+        loss = h.loss(target, z, generator=g).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert h.loss(target, z, generator=torch.Generator().manual_seed(0)).mean() < 0.7 * first
+
+
+def test_heads_read_the_diffloss_keys_of_a_mar_file(fx):
+    _, _, _, config, folder = fx
+    with pytest.raises(DisconError, match="does not fit FlowHead"):  # eps+var output vs velocity
+        build("head", "flow", checkpoint=folder / "ckpt.pth", **config["kwargs"])
+
+
+def test_bad_head_inputs():
+    h = flow_head()
+    with pytest.raises(DisconError, match=r"z must be \[M, 10\]"):
+        h.sample(torch.randn(3, 9))
+    with pytest.raises(DisconError, match="target must be"):
+        h.loss(torch.randn(3, 4), torch.randn(3, 10))
+    with pytest.raises(DisconError, match="even count"):
+        h.sample(torch.randn(3, 10), cfg_scale=2.0)
+    with pytest.raises(DisconError, match="flow_solver"):
+        build("head", "flow", flow_solver="rk4")
+    with pytest.raises(DisconError, match="num_sampling_steps"):
+        build("head", "diffusion", num_sampling_steps="abc")
+    with pytest.raises(DisconError, match="cannot take"):
+        build("head", "diffusion", num_sampling_steps="2000")
