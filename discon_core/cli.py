@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 
 import yaml
@@ -84,9 +85,23 @@ def _cmd_cache(args) -> int:
                        dtok_checkpoint=args.dtok_checkpoint, ctok_checkpoint=args.ctok_checkpoint,
                        shard_size=args.shard_size, batch_size=args.batch_size, device=args.device,
                        progress=not args.no_progress)
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    if int(os.environ.get("RANK", "0")) == 0:
         print(f"cache manifest: {path}")
     return 0
+
+
+def _add_config_options(p, example: str) -> None:
+    """Options shared by the config-driven sub-commands (train, study)."""
+    p.add_argument("--out", help="output folder (overrides the config's out)")
+    p.add_argument("--device", help="cpu, cuda, cuda:N (overrides the config's device)")
+    p.add_argument("--seed", type=int, help="overrides the config's seed")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=f"override a config key (dotted, YAML value), e.g. --set {example}")
+
+
+def _config_overrides(args) -> list[str]:
+    named = (("out", args.out), ("device", args.device), ("seed", args.seed))
+    return list(args.set) + [f"{key}={value}" for key, value in named if value is not None]
 
 
 def _add_train(sub) -> None:
@@ -95,18 +110,15 @@ def _add_train(sub) -> None:
     p.add_argument("config", help="training config (YAML, see configs/)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="continue exactly from CHECKPOINT (default: OUT/checkpoint-last.pth)")
-    p.add_argument("--out", help="output folder (overrides the config's out)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (dotted, YAML value), e.g. --set steps=200")
+    _add_config_options(p, "steps=200")
     p.set_defaults(func=_cmd_train)
 
 
 def _cmd_train(args) -> int:
     from .train import TrainConfig, train
 
-    overrides = list(args.set) + ([f"out={args.out}"] if args.out else [])
-    path = train(TrainConfig.load(args.config, overrides), resume=args.resume)
-    if int(__import__("os").environ.get("RANK", "0")) == 0:
+    path = train(TrainConfig.load(args.config, _config_overrides(args)), resume=args.resume)
+    if int(os.environ.get("RANK", "0")) == 0:
         print(f"checkpoint: {path}")
     return 0
 
@@ -115,18 +127,14 @@ def _add_study(sub) -> None:
     p = sub.add_parser("study", help="CPU-scale study: train tiny tokenizers -> cache -> train "
                                      "DisCon + prior -> sample a grid (finished stages reused)")
     p.add_argument("config", help="study config (YAML), e.g. configs/fmnist_cpu.yaml")
-    p.add_argument("--out", help="output folder (overrides the config's out)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (dotted, YAML value), e.g. --set stages.discon.steps=50")
+    _add_config_options(p, "discon.train.steps=3000")
     p.set_defaults(func=_cmd_study)
 
 
 def _cmd_study(args) -> int:
     from .study import run_study
 
-    overrides = list(args.set) + ([f"out={args.out}"] if args.out else [])
-    grid = run_study(args.config, overrides)
-    print(f"samples: {grid}")
+    print(f"samples: {run_study(args.config, _config_overrides(args))}")
     return 0
 
 

@@ -98,10 +98,7 @@ def _latent_stats(cache_dir: Path, ctok_spec: dict, ctok_ckpt: Path, limit: int,
     batches = []
     for start in range(0, n, 256):
         moments = torch.stack([ds.get(int(i))["moments"] for i in index[start:start + 256]])
-        mean, logvar = moments.to(device).chunk(2, dim=1)
-        std = torch.exp(0.5 * logvar.clamp(-30.0, 20.0))
-        batches.append(mean + std * torch.randn(mean.shape, generator=g, device=device))
-    del ctok
+        batches.append(ctok.posterior(moments.to(device)).sample(g))  # raw (unnormalized) draws
     save_latents_stats(compute_latents_stats(batches), path)
     return path
 

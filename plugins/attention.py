@@ -136,6 +136,11 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """adaLN modulation (DiT): ``x * (1 + scale) + shift`` (RAR blocks and the MLP heads)."""
+    return x * (1 + scale) + shift
+
+
 class Attention(nn.Module):
     """timm/RAR self-attention: fused ``qkv``, optional per-head q/k LayerNorm, ``proj``.
 

@@ -29,16 +29,13 @@ from torch import nn
 from discon_core.errors import DisconError
 from discon_core.hooks import hookimpl
 
+from .attention import modulate
 from .gaussian_diffusion import NUM_TRAIN_STEPS, GaussianDiffusion
 
 FREQ_DIM = 256
 # Upper bound on rows x modulation width held at once by the precomputation (floats): 64M = 256 MB.
 MOD_BUDGET = 64 * 1024 * 1024
 FLOW_TIME_SCALE = 1000.0  # flow time t in [0,1] enters the same sinusoid as diffusion steps 0..999
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
 
 
 class TimestepEmbedder(nn.Module):

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from discon_core.errors import DisconError
 from discon_core.hooks import hookimpl
-from discon_plugins.attention import Attention, KVCache, Mlp
+from discon_plugins.attention import Attention, KVCache, Mlp, modulate
 
 NORM_EPS = 1e-6
 # Rows the official checkpoints store beyond N in the position tables (only N + 2 are read).
@@ -42,10 +42,6 @@ PREFIX = 2  # cls + condition slots before the image tokens
 MODULATION_BUDGET_BYTES = 256 << 20
 
 StepHook = Callable[[int, torch.Tensor, torch.Tensor], None]
-
-
-def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    return x * (1 + scale) + shift
 
 
 class RARBlock(nn.Module):

@@ -39,3 +39,25 @@ def load_fixture(shared: Path, name: str):
 
 def load_manifest(shared: Path, name: str) -> dict:
     return json.loads((shared / "spec" / "manifests" / f"{name}.keys.json").read_text())
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread: on a small shared CPU, tiny convs run much faster without thread
+    contention (results change by float rounding only, far below the tolerances)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def fashion_mnist_32(n: int) -> torch.Tensor:
+    """The first ``n`` Fashion-MNIST test images as [n,3,32,32] in [0,1] (skips without the data)."""
+    from discon_core.data import FashionMNIST
+    from discon_core.errors import DisconError
+
+    try:
+        ds = FashionMNIST(split="test", limit=n)
+    except DisconError as e:
+        pytest.skip(str(e))
+    return torch.stack([ds.get(i)[0] for i in range(n)])

@@ -3,42 +3,20 @@
 input validation, and training from scratch."""
 from __future__ import annotations
 
-import gzip
-from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 
 from discon_core import build
 from discon_core.errors import DisconError
 from discon_plugins.kl_vae import compute_latents_stats, save_latents_stats
-from tests.conftest import load_fixture, load_manifest
+from tests.conftest import fashion_mnist_32, load_fixture, load_manifest
 
-FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 TOL = dict(atol=1e-4, rtol=1e-4)
 FIXTURES = {"ldm-kl": "kl16_tiny", "va-vae": "vavae_tiny"}
 
 
-def fashion_mnist_32(n: int) -> torch.Tensor:
-    """First ``n`` Fashion-MNIST test images, padded to 32x32 and replicated to RGB, in [0,1]."""
-    if not FASHION_MNIST.is_file():
-        pytest.skip(f"Fashion-MNIST not found at {FASHION_MNIST}")
-    with gzip.open(FASHION_MNIST) as f:
-        raw = f.read(16 + n * 784)  # IDX header: magic, count, rows, cols
-    x = torch.from_numpy(np.frombuffer(raw, np.uint8, offset=16).copy()).view(n, 1, 28, 28)
-    return F.pad(x.float() / 255, (2, 2, 2, 2)).expand(-1, 3, -1, -1).contiguous()
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    """One intra-op thread: on a small shared CPU, tiny convs run much faster without
-    thread contention (results change by float rounding only, far below the tolerances)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def fixture_vae(shared, name: str, **extra):
