@@ -53,3 +53,44 @@ def save_images(images: torch.Tensor, folder: str | os.PathLike, prefix: str = "
         Image.fromarray(arr).save(p)
         paths.append(p)
     return paths
+
+
+def save_line_plot(series: dict[str, tuple[list[float], list[float]]], path: str | os.PathLike,
+                   *, title: str = "", xlabel: str = "", ylabel: str = "",
+                   size: tuple[int, int] = (640, 400)) -> Path:
+    """A small line plot as PNG (no plotting library needed): ``{label: (xs, ys)}``."""
+    from PIL import ImageDraw
+
+    colors = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40), (148, 103, 189)]
+    w, h = size
+    left, right, top, bottom = 60, 20, 30, 40
+    img = Image.new("RGB", size, "white")
+    draw = ImageDraw.Draw(img)
+    xs = [x for xx, _ in series.values() for x in xx]
+    ys = [y for _, yy in series.values() for y in yy if math.isfinite(y)]
+    x0, x1 = min(xs), max(xs) if max(xs) > min(xs) else min(xs) + 1
+    y0, y1 = min(ys), max(ys) if max(ys) > min(ys) else min(ys) + 1
+
+    def to_px(x: float, y: float) -> tuple[float, float]:
+        return (left + (x - x0) / (x1 - x0) * (w - left - right),
+                h - bottom - (y - y0) / (y1 - y0) * (h - top - bottom))
+
+    draw.rectangle([left, top, w - right, h - bottom], outline="black")
+    for frac in (0.0, 0.5, 1.0):
+        y = y0 + frac * (y1 - y0)
+        draw.text((4, to_px(x0, y)[1] - 6), f"{y:.3g}", fill="black")
+        x = x0 + frac * (x1 - x0)
+        draw.text((to_px(x, y0)[0] - 10, h - bottom + 6), f"{x:.0f}", fill="black")
+    draw.text((left, 8), title, fill="black")
+    draw.text((w // 2 - 20, h - 16), xlabel, fill="black")
+    draw.text((4, top - 18), ylabel, fill="black")
+    for i, (label, (xx, yy)) in enumerate(series.items()):
+        color = colors[i % len(colors)]
+        points = [to_px(x, y) for x, y in zip(xx, yy) if math.isfinite(y)]
+        if len(points) > 1:
+            draw.line(points, fill=color, width=2)
+        draw.text((w - right - 120, top + 8 + 14 * i), label, fill=color)
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    img.save(path)
+    return path
