@@ -81,7 +81,7 @@ def save_line_plot(series: dict[str, tuple[list[float], list[float]]], path: str
         draw.text((4, to_px(x0, y)[1] - 6), f"{y:.3g}", fill="black")
         x = x0 + frac * (x1 - x0)
         draw.text((to_px(x, y0)[0] - 10, h - bottom + 6), f"{x:.0f}", fill="black")
-    draw.text((left, 8), title, fill="black")
+    draw.text((max(left, w // 2 - 3 * len(title)), 8), title, fill="black")
     draw.text((w // 2 - 20, h - 16), xlabel, fill="black")
     draw.text((4, top - 18), ylabel, fill="black")
     for i, (label, (xx, yy)) in enumerate(series.items()):
