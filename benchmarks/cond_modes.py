@@ -28,7 +28,8 @@ import torch
 from discon_core import build, sample_tokens
 from discon_core.cache import CachedDataset, build_cache, collate_cached
 from discon_core.images import save_line_plot
-from discon_core.train import DisconObjective, TrainConfig, train
+from discon_core.recipes import DisconObjective
+from discon_core.train import TrainConfig, train
 
 MODES = {  # name -> (backbone overrides, recipe_options)
     "add": ({"cond_mode": "add"}, {}),

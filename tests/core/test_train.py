@@ -16,8 +16,8 @@ import yaml
 
 from discon_core.checkpoints import load_file
 from discon_core.errors import DisconError
-from discon_core.train import (Trainer, TrainConfig, _mar_no_decay, _rar_no_decay, lr_at,
-                               patchify, train, unpatchify)
+from discon_core.recipes import _mar_no_decay, _rar_no_decay, patchify, unpatchify
+from discon_core.train import Trainer, TrainConfig, lr_at, train
 from tests.conftest import REPO
 
 TOY = {
@@ -209,7 +209,7 @@ def test_resume_refuses_a_different_config(tmp_path):
 # Shipped configs, and the real recipes end to end
 
 def _referenced_presets(components: dict):
-    from discon_core.train import component_spec
+    from discon_core.recipes import component_spec
     for kind, spec in components.items():
         s = component_spec(spec, kind)
         yield s.get("kind", kind), s["preset"]

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from discon_core.train import Recipe, _plain_no_decay
+from discon_core.recipes import Recipe, _plain_no_decay
 
 
 class ToyData:

@@ -1,0 +1,292 @@
+"""Training recipes: what the one trainer (``discon_core/train.py``) optimises.
+
+A recipe bundles the model to optimise (an ``nn.Module`` returning ``(loss, logs)``), its
+dataset, how its keys map to the checkpoint layout, which parameters AdamW must not decay, and
+how to draw a grid of samples. Built in: ``discon`` (backbone + head with
+``objectives.masked_ar_loss`` on a token cache; MAR's checkpoint layout and parameter groups),
+``prior`` (``prior.training_loss`` on cached ids; RAR's groups) and ``tokenizer``
+(``tok.training_loss`` on images). Your own: ``recipe: package.module:function``.
+"""
+from __future__ import annotations
+
+import importlib
+import math
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+from .errors import DisconError, close_matches
+
+if TYPE_CHECKING:
+    from .train import TrainConfig
+
+def component_spec(spec: Any, kind: str) -> dict[str, Any]:
+    """Normalise ``name`` or ``{preset, checkpoint, overrides}`` to the mapping form."""
+    if isinstance(spec, str):
+        return {"preset": spec, "checkpoint": None, "overrides": {}}
+    if not isinstance(spec, Mapping) or "preset" not in spec:
+        raise DisconError(f"components.{kind} must be a preset name or a mapping with 'preset', "
+                          f"got {spec!r}")
+    bad = sorted(set(spec) - {"preset", "checkpoint", "overrides", "kind"})
+    if bad:
+        raise DisconError(f"components.{kind}: unknown key(s) {', '.join(bad)}; keys are "
+                          "preset, checkpoint, overrides, kind")
+    return {"preset": spec["preset"], "checkpoint": spec.get("checkpoint"),
+            "overrides": dict(spec.get("overrides") or {}), "kind": spec.get("kind", kind)}
+
+
+def build_component(kind: str, spec: Any, device, *, trainable: bool = True) -> nn.Module:
+    from .registry import build
+    s = component_spec(spec, kind)
+    module = build(s.get("kind", kind), s["preset"], checkpoint=s["checkpoint"], device=device,
+                   **s["overrides"])
+    module.train(trainable)
+    if not trainable:
+        module.requires_grad_(False)
+    return module
+
+
+# ------------------------------------------------------------------------------------------------
+# Recipes
+
+@dataclass
+class Recipe:
+    """What to train: ``model(batch, step=, generator=) -> (loss, logs)`` over ``dataset``.
+
+    ``to_file``/``from_file`` map module state-dict keys to the checkpoint layout and back;
+    ``no_decay(file_key, param)`` names the parameters AdamW must not decay; ``samples(model,
+    generator)`` returns a grid-worth of images in [0,1] (or None) for the sample grids.
+    """
+
+    name: str
+    model: nn.Module
+    dataset: Any
+    collate: Callable
+    no_decay: Callable[[str, torch.Tensor], bool]
+    to_file: Callable[[str], str] = lambda k: k
+    from_file: Callable[[str], str] = lambda k: k
+    samples: Callable[[nn.Module, torch.Generator], torch.Tensor | None] | None = None
+    flip: bool = True
+    info: dict[str, Any] = field(default_factory=dict)
+
+
+def patchify(latents: torch.Tensor, p: int) -> torch.Tensor:
+    """[B,C,H,W] -> [B,(H/p)(W/p),C*p*p] in raster order, channel slowest within a token (MAR)."""
+    b, c, h, w = latents.shape
+    x = latents.reshape(b, c, h // p, p, w // p, p)
+    return torch.einsum("nchpwq->nhwcpq", x).reshape(b, (h // p) * (w // p), c * p * p)
+
+
+def unpatchify(x: torch.Tensor, c: int, h: int, w: int, p: int) -> torch.Tensor:
+    """Inverse of :func:`patchify`."""
+    b = x.shape[0]
+    x = x.reshape(b, h // p, w // p, c, p, p)
+    return torch.einsum("nhwcpq->nchpwq", x).reshape(b, c, h, w)
+
+
+class _Frozen:
+    """Holds a frozen helper module out of the trainable module tree (no DDP/EMA/state dict)."""
+
+    def __init__(self, module: nn.Module):
+        self.module = module
+
+
+class DisconObjective(nn.Module):
+    """backbone + head trained with ``objectives.masked_ar_loss`` on cached moments + ids."""
+
+    def __init__(self, backbone: nn.Module, head: nn.Module, ctok: nn.Module, *,
+                 use_cond: bool = True, mask_ratio_min: float = 0.7, diffusion_batch_mul: int = 4):
+        super().__init__()
+        self.backbone, self.head = backbone, head
+        self._ctok = _Frozen(ctok)
+        self.use_cond = use_cond
+        self.mask_ratio_min, self.diffusion_batch_mul = mask_ratio_min, diffusion_batch_mul
+        c = ctok.latent_channels
+        p2 = backbone.token_dim // c
+        self.patch = int(round(math.sqrt(p2)))
+        if self.patch ** 2 * c != backbone.token_dim:
+            raise DisconError(f"backbone token_dim {backbone.token_dim} is not latent_channels "
+                              f"{c} x patch^2 of the cache's ctok; check vae_embed_dim")
+
+    def tokens(self, batch: dict, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
+        with torch.no_grad():
+            latents = self._ctok.module.latents_from_moments(batch["moments"], sample=True,
+                                                             generator=generator)
+        x = patchify(latents.float(), self.patch)
+        if x.shape[1] != self.backbone.seq_len:
+            raise DisconError(f"cached latents give {x.shape[1]} tokens but the backbone's "
+                              f"seq_len is {self.backbone.seq_len}; check img_size/vae_stride")
+        cond = batch["tokens"].flatten(1) if self.use_cond else None
+        return x, cond
+
+    def forward(self, batch: dict, *, step: int, generator=None):
+        from .objectives import masked_ar_loss
+        x, cond = self.tokens(batch, generator)
+        return masked_ar_loss(self.backbone, self.head, x, batch["labels"], cond,
+                              mask_ratio_min=self.mask_ratio_min,
+                              diffusion_batch_mul=self.diffusion_batch_mul, generator=generator)
+
+
+class PriorObjective(nn.Module):
+    """A discrete prior trained on cached ids with its own ``training_loss``."""
+
+    def __init__(self, prior: nn.Module):
+        super().__init__()
+        self.prior = prior
+
+    def forward(self, batch: dict, *, step: int, generator=None):
+        return self.prior.training_loss(batch["tokens"].flatten(1), batch["labels"], step=step,
+                                        generator=generator)
+
+
+class TokenizerObjective(nn.Module):
+    """A tokenizer (dtok or ctok) trained on images with its own ``training_loss``."""
+
+    def __init__(self, tok: nn.Module):
+        super().__init__()
+        self.tok = tok
+
+    def forward(self, batch: dict, *, step: int, generator=None):
+        return self.tok.training_loss(batch["images"], generator=generator)
+
+
+def _mar_no_decay(key: str, p: torch.Tensor) -> bool:
+    # MAR's add_weight_decay: 1-D params, biases, and everything in the diffusion head.
+    return p.ndim == 1 or key.endswith(".bias") or "diffloss" in key
+
+
+def _rar_no_decay(key: str, p: torch.Tensor) -> bool:
+    # 1d-tokenizer's rule for RAR: ndim < 2 or names with these substrings.
+    return p.ndim < 2 or any(s in key for s in ("ln", "bias", "embed", "norm", "embedding"))
+
+
+def _plain_no_decay(key: str, p: torch.Tensor) -> bool:
+    return p.ndim < 2 or key.endswith(".bias")
+
+
+def _open_cache(cfg: TrainConfig):
+    from .cache import CachedDataset, collate_cached
+    if "cache" not in cfg.data:
+        raise DisconError(f"recipe {cfg.recipe!r} trains on a pre-tokenized cache: set "
+                          "data: {cache: FOLDER} (build it with `discon cache`)")
+    ds = CachedDataset(cfg.data["cache"])
+    want = {k: component_spec(cfg.components[k], k)["preset"]
+            for k in ("dtok", "ctok") if k in cfg.components}
+    ds.check_presets(**want)
+    return ds, collate_cached
+
+
+def _cache_tokenizer(cfg: TrainConfig, ds, kind: str, device) -> nn.Module:
+    """The tokenizer a cache was built with (preset, params and weights from its manifest);
+    ``components.<kind>.overrides`` in the config may add settings that do not change the
+    cached moments, e.g. the ``latents_stats`` computed after caching."""
+    from .registry import build
+    rec = ds.manifest[kind]
+    # The manifest stores the resolved params; passing them back rebuilds the same module even
+    # when the registry default changed meanwhile.
+    params = dict(rec.get("params") or {})
+    if kind in cfg.components:
+        params.update(component_spec(cfg.components[kind], kind)["overrides"])
+    module = build(kind, rec["preset"], checkpoint=rec["checkpoint"], device=device, **params)
+    return module.eval().requires_grad_(False)
+
+
+def recipe_discon(cfg: TrainConfig, device) -> Recipe:
+    ds, collate = _open_cache(cfg)
+    ctok = _cache_tokenizer(cfg, ds, "ctok", device)
+    backbone = build_component("backbone", cfg.components["backbone"], device)
+    head = build_component("head", cfg.components["head"], device)
+    opts = dict(cfg.recipe_options)
+    sample_opts = opts.pop("sampling", {}) or {}
+    allowed = {"use_cond", "mask_ratio_min", "diffusion_batch_mul"}
+    bad = sorted(set(opts) - allowed)
+    if bad:
+        raise DisconError(f"recipe_options for discon: unknown {', '.join(bad)}; accepted: "
+                          f"{', '.join(sorted(allowed | {'sampling'}))}")
+    model = DisconObjective(backbone, head, ctok, **opts)
+
+    def to_file(k: str) -> str:
+        return k[len("backbone."):] if k.startswith("backbone.") else "diffloss." + k[len("head."):]
+
+    def from_file(k: str) -> str:
+        return "head." + k[len("diffloss."):] if k.startswith("diffloss.") else "backbone." + k
+
+    def samples(m: DisconObjective, g: torch.Generator) -> torch.Tensor | None:
+        from . import sample_tokens  # written with the pipeline; absent until then
+        n = min(cfg.num_samples, len(ds))
+        batch = collate([ds.get(i, False) for i in range(n)])
+        batch = {k: v.to(device) for k, v in batch.items()}
+        cond = batch["tokens"].flatten(1) if m.use_cond else None
+        x = sample_tokens(m.backbone, m.head, batch["labels"], cond=cond, generator=g,
+                          **{"ar_steps": 16, **sample_opts})
+        h, w = batch["tokens"].shape[-2:]
+        p = m.patch
+        latents = unpatchify(x.float(), ctok.latent_channels, h * p, w * p, p)
+        return ctok.decode(latents)
+
+    return Recipe("discon", model, ds, collate, _mar_no_decay, to_file, from_file, samples,
+                  info={"dtok": ds.manifest["dtok"]["preset"], "ctok": ds.manifest["ctok"]["preset"]})
+
+
+def recipe_prior(cfg: TrainConfig, device) -> Recipe:
+    ds, collate = _open_cache(cfg)
+    prior = build_component("prior", cfg.components["prior"], device)
+    model = PriorObjective(prior)
+    sample_opts = dict(cfg.recipe_options.get("sampling", {}) or {})
+
+    def samples(m: PriorObjective, g: torch.Generator) -> torch.Tensor:
+        dtok = _cache_tokenizer(cfg, ds, "dtok", device)
+        labels = torch.arange(cfg.num_samples, device=device) % m.prior.num_classes
+        opts = {"cfg_scale": 0.0, "temperature": 1.0, **sample_opts}
+        tokens = m.prior.sample(labels, generator=g, **opts)
+        return dtok.decode(tokens)
+
+    return Recipe("prior", model, ds, collate, _rar_no_decay,
+                  to_file=lambda k: k[len("prior."):], from_file=lambda k: "prior." + k,
+                  samples=samples, info={"dtok": ds.manifest["dtok"]["preset"]})
+
+
+def recipe_tokenizer(cfg: TrainConfig, device) -> Recipe:
+    from .data import build_dataset, collate_images
+    if "cache" in cfg.data:
+        raise DisconError("the tokenizer recipe trains on images: data must be a dataset "
+                          "mapping ({type: fashion-mnist} or {type: folder, root: ...})")
+    ds = build_dataset(cfg.data)
+    spec = component_spec(cfg.components.get("tokenizer"), "tokenizer")
+    kind = spec.get("kind")
+    if kind not in ("dtok", "ctok"):
+        raise DisconError("components.tokenizer.kind must be dtok or ctok, got "
+                          f"{kind!r}")
+    tok = build_component(kind, spec, device)
+    model = TokenizerObjective(tok)
+
+    def samples(m: TokenizerObjective, g: torch.Generator) -> torch.Tensor:
+        n = max(1, cfg.num_samples // 2)
+        images = collate_images([ds.get(i, False) for i in range(n)])["images"].to(device)
+        rec = m.tok.decode(m.tok.encode(images))
+        return torch.cat([images, rec.clamp(0, 1)])
+
+    return Recipe("tokenizer", model, ds, collate_images, _plain_no_decay,
+                  to_file=lambda k: k[len("tok."):], from_file=lambda k: "tok." + k,
+                  samples=samples, info={"kind": kind})
+
+
+RECIPES: dict[str, Callable[[TrainConfig, torch.device], Recipe]] = {
+    "discon": recipe_discon, "prior": recipe_prior, "tokenizer": recipe_tokenizer}
+
+
+def make_recipe(cfg: TrainConfig, device) -> Recipe:
+    """A built-in recipe by name, or ``package.module:function`` for your own."""
+    if ":" in cfg.recipe:
+        mod, _, fn = cfg.recipe.partition(":")
+        try:
+            return getattr(importlib.import_module(mod), fn)(cfg, device)
+        except (ImportError, AttributeError) as e:
+            raise DisconError(f"recipe {cfg.recipe!r} cannot be imported: {e}") from None
+    if cfg.recipe not in RECIPES:
+        raise DisconError(f"unknown recipe {cfg.recipe!r}; built-in: {', '.join(RECIPES)} (or "
+                          f"package.module:function){close_matches(cfg.recipe, RECIPES)}")
+    return RECIPES[cfg.recipe](cfg, device)
