@@ -193,30 +193,22 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None,
     from tqdm.auto import tqdm
 
     dest = Path(dest)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
     h = hashlib.sha256()
-    try:
-        with os.fdopen(fd, "wb") as out:
-            try:
-                response = urllib.request.urlopen(url, timeout=60)
-            except (urllib.error.URLError, OSError, ValueError) as e:
-                raise DisconError(f"cannot download {url}: {getattr(e, 'reason', e)}") from None
-            with response:
-                total = int(response.headers.get("Content-Length") or 0) or None
-                with tqdm(total=total, unit="B", unit_scale=True, desc=dest.name,
-                          disable=not progress) as bar:
-                    while block := response.read(1 << 20):
-                        out.write(block)
-                        h.update(block)
-                        bar.update(len(block))
+    with atomic_path(dest) as tmp, open(tmp, "wb") as out:
+        try:
+            response = urllib.request.urlopen(url, timeout=60)
+        except (urllib.error.URLError, OSError, ValueError) as e:
+            raise DisconError(f"cannot download {url}: {getattr(e, 'reason', e)}") from None
+        with response, tqdm(total=int(response.headers.get("Content-Length") or 0) or None,
+                            unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
+            while block := response.read(1 << 20):
+                out.write(block)
+                h.update(block)
+                bar.update(len(block))
         got = h.hexdigest()
         if sha256 is not None and got != sha256.lower():
             raise DisconError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {got}; "
                               "the download was deleted")
-        os.replace(tmp, dest)
-    finally:
-        Path(tmp).unlink(missing_ok=True)
     return dest
 
 

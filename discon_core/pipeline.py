@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from .errors import DisconError
+from .objectives import mask_from_orders, random_orders
 
 CFG_SCHEDULES = ("linear", "constant")
 
@@ -97,7 +98,7 @@ def sample_tokens(backbone, head, labels: torch.Tensor, *, cond: torch.Tensor | 
     labels = labels.to(device)
     cond = cond.to(device) if cond is not None else None
     if orders is None:
-        orders = torch.rand(b, n, generator=generator, device=device).argsort(dim=1)
+        orders = random_orders(b, n, generator, device)
     elif orders.shape != (b, n):
         raise DisconError(f"orders must be int64 [{b}, {n}], got {list(orders.shape)}")
     orders = orders.to(device)
@@ -120,7 +121,7 @@ def sample_tokens(backbone, head, labels: torch.Tensor, *, cond: torch.Tensor | 
                          label_drop=drop, cond_drop=drop if cond is not None else None)
         else:
             z = backbone(tokens, mask, labels, cond)
-        mask_next = torch.zeros_like(mask).scatter(1, orders[:, :mask_len], True)
+        mask_next = mask_from_orders(orders, mask_len)
         to_pred = mask if step == ar_steps - 1 else mask & ~mask_next
         rows = z[:b][to_pred]
         if rows.shape[0]:

@@ -10,7 +10,6 @@ how to draw a grid of samples. Built in: ``discon`` (backbone + head with
 from __future__ import annotations
 
 import importlib
-import math
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -19,6 +18,7 @@ import torch
 from torch import nn
 
 from .errors import DisconError, close_matches
+from .pipeline import check_compatible
 
 if TYPE_CHECKING:
     from .train import TrainConfig
@@ -73,20 +73,6 @@ class Recipe:
     info: dict[str, Any] = field(default_factory=dict)
 
 
-def patchify(latents: torch.Tensor, p: int) -> torch.Tensor:
-    """[B,C,H,W] -> [B,(H/p)(W/p),C*p*p] in raster order, channel slowest within a token (MAR)."""
-    b, c, h, w = latents.shape
-    x = latents.reshape(b, c, h // p, p, w // p, p)
-    return torch.einsum("nchpwq->nhwcpq", x).reshape(b, (h // p) * (w // p), c * p * p)
-
-
-def unpatchify(x: torch.Tensor, c: int, h: int, w: int, p: int) -> torch.Tensor:
-    """Inverse of :func:`patchify`."""
-    b = x.shape[0]
-    x = x.reshape(b, h // p, w // p, c, p, p)
-    return torch.einsum("nhwcpq->nchpwq", x).reshape(b, c, h, w)
-
-
 class _Frozen:
     """Holds a frozen helper module out of the trainable module tree (no DDP/EMA/state dict)."""
 
@@ -104,18 +90,13 @@ class DisconObjective(nn.Module):
         self._ctok = _Frozen(ctok)
         self.use_cond = use_cond
         self.mask_ratio_min, self.diffusion_batch_mul = mask_ratio_min, diffusion_batch_mul
-        c = ctok.latent_channels
-        p2 = backbone.token_dim // c
-        self.patch = int(round(math.sqrt(p2)))
-        if self.patch ** 2 * c != backbone.token_dim:
-            raise DisconError(f"backbone token_dim {backbone.token_dim} is not latent_channels "
-                              f"{c} x patch^2 of the cache's ctok; check vae_embed_dim")
+        check_compatible(backbone=backbone, head=head, ctok=ctok)  # token_dim, channels, stride
 
     def tokens(self, batch: dict, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
         with torch.no_grad():
             latents = self._ctok.module.latents_from_moments(batch["moments"], sample=True,
                                                              generator=generator)
-        x = patchify(latents.float(), self.patch)
+        x = self.backbone.patchify(latents.float())  # the backbone's token layout, as sampling
         if x.shape[1] != self.backbone.seq_len:
             raise DisconError(f"cached latents give {x.shape[1]} tokens but the backbone's "
                               f"seq_len is {self.backbone.seq_len}; check img_size/vae_stride")
@@ -222,10 +203,7 @@ def recipe_discon(cfg: TrainConfig, device) -> Recipe:
         cond = batch["tokens"].flatten(1) if m.use_cond else None
         x = sample_tokens(m.backbone, m.head, batch["labels"], cond=cond, generator=g,
                           **{"ar_steps": 16, **sample_opts})
-        h, w = batch["tokens"].shape[-2:]
-        p = m.patch
-        latents = unpatchify(x.float(), ctok.latent_channels, h * p, w * p, p)
-        return ctok.decode(latents)
+        return ctok.decode(m.backbone.unpatchify(x.float()))
 
     return Recipe("discon", model, ds, collate, _mar_no_decay, to_file, from_file, samples,
                   info={"dtok": ds.manifest["dtok"]["preset"], "ctok": ds.manifest["ctok"]["preset"]})

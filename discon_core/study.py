@@ -30,6 +30,7 @@ from typing import Any
 import torch
 
 from .errors import DisconError
+from .recipes import component_spec
 from .train import LAST, TrainConfig, apply_overrides, load_yaml, train
 
 log = logging.getLogger(__name__)
@@ -180,13 +181,12 @@ def run_study(config: str | Path, overrides: list[str] = ()) -> Path:
 
     # 6: sample a grid, one column per class
     _say("sample: prior -> backbone+head -> decoder")
-    bb_name = discon["backbone"] if isinstance(discon["backbone"], str) else discon["backbone"]["preset"]
-    hd_name = discon["head"] if isinstance(discon["head"], str) else discon["head"]["preset"]
+    trained = {kind: component_spec(discon[kind], kind) for kind in ("backbone", "head")}
     pipe = Pipeline(
         prior=build("prior", prior["preset"], checkpoint=out / "prior" / LAST, device=device),
         dtok=build("dtok", dtok["preset"], checkpoint=dtok_ckpt, device=device),
-        backbone=build("backbone", bb_name, checkpoint=out / "discon" / LAST, device=device),
-        head=build("head", hd_name, checkpoint=out / "discon" / LAST, device=device),
+        **{kind: build(kind, s["preset"], checkpoint=out / "discon" / LAST, device=device,
+                       **s["overrides"]) for kind, s in trained.items()},
         ctok=build("ctok", ctok["preset"], checkpoint=ctok_ckpt, device=device,
                    **ctok_overrides))
     num_classes = pipe.prior.num_classes

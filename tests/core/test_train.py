@@ -16,7 +16,8 @@ import yaml
 
 from discon_core.checkpoints import load_file
 from discon_core.errors import DisconError
-from discon_core.recipes import _mar_no_decay, _rar_no_decay, patchify, unpatchify
+from discon_core import build
+from discon_core.recipes import _mar_no_decay, _rar_no_decay
 from discon_core.train import Trainer, TrainConfig, lr_at, train
 from tests.conftest import REPO
 
@@ -77,11 +78,14 @@ def test_param_group_rules():
 
 
 def test_patchify_roundtrip_and_order():
+    """The recipe trains in the backbone's own token layout (the one sampling unpatchifies)."""
     x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
-    t = patchify(x, 1)
+    layout = {p: build("backbone", "discon-tiny", img_size=16, vae_stride=4, patch_size=p,
+                       vae_embed_dim=3, device="meta") for p in (1, 2)}
+    t = layout[1].patchify(x)
     assert t.shape == (2, 16, 3) and torch.equal(t[0, 1], x[0, :, 0, 1])
     for p in (1, 2):
-        assert torch.equal(unpatchify(patchify(x, p), 3, 4, 4, p), x)
+        assert torch.equal(layout[p].unpatchify(layout[p].patchify(x)), x)
 
 
 def test_config_errors_name_the_key(tmp_path):
