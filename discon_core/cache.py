@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from .checkpoints import atomic_path, sha256_of
+from .config import read_json
 from .errors import DisconError
 
 log = logging.getLogger(__name__)
@@ -119,9 +120,9 @@ def build_cache(data: Mapping[str, Any], out: str | os.PathLike, *, dtok: str,
     if shard_size <= 0 or batch_size <= 0:
         raise DisconError(f"shard_size and batch_size must be positive, got {shard_size}, "
                           f"{batch_size}")
+    from .cli import check_output_dir
+    out = check_output_dir(out, what="cache folder")
     rank, world, dev = setup_distributed(device)
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
     dataset = build_dataset(data)
     torch.manual_seed(0)  # random-init tokenizers (tests) must agree across ranks too
     dt = build("dtok", dtok, checkpoint=dtok_checkpoint, device=dev).eval()
@@ -138,7 +139,10 @@ def build_cache(data: Mapping[str, Any], out: str | os.PathLike, *, dtok: str,
             "num_shards": num_shards}
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
-        old = json.loads(manifest_path.read_text())
+        old = read_json(manifest_path, "cache manifest")
+        if not isinstance(old, dict) or old.get("format") != FORMAT:
+            raise DisconError(f"cache manifest {manifest_path} is not a {FORMAT!r} manifest; use "
+                              f"another --out folder or delete {out}")
         for kind in ("dtok", "ctok"):
             if not _same_component(old.get(kind, {}), plan[kind]):
                 raise DisconError(
@@ -192,7 +196,7 @@ def build_cache(data: Mapping[str, Any], out: str | os.PathLike, *, dtok: str,
             side = out / f"{shard_name(k)}.json"
             if not side.is_file():
                 raise DisconError(f"cache {out}: shard {k} was not written by any rank; rerun")
-            rec = json.loads(side.read_text())
+            rec = read_json(side, "cache shard sidecar")
             shards.append({"file": f"{shard_name(k)}.safetensors", "count": rec["count"],
                            "sha256": rec["sha256"]})
             skipped.update(rec["skipped"])
@@ -249,13 +253,13 @@ class CachedDataset:
                  verify: bool = True):
         self.root = Path(root)
         path = self.root / MANIFEST
-        if not path.is_file():
+        if not path.exists():
             raise DisconError(f"{self.root} is not a discon cache (no {MANIFEST}); build one "
                               "with `discon cache`")
-        self.manifest = json.loads(path.read_text())
-        if self.manifest.get("format") != FORMAT:
-            raise DisconError(f"cache {self.root}: format {self.manifest.get('format')!r}, "
-                              f"expected {FORMAT!r}")
+        self.manifest = read_json(path, "cache manifest")
+        if not isinstance(self.manifest, dict) or self.manifest.get("format") != FORMAT:
+            raise DisconError(f"cache manifest {path} is not a {FORMAT!r} manifest; rebuild the "
+                              "cache with `discon cache`")
         if not self.manifest.get("complete"):
             raise DisconError(f"cache {self.root} is incomplete (an interrupted `discon cache`); "
                               "rerun the same command to finish it")

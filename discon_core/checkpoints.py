@@ -23,6 +23,8 @@ import os
 import tempfile
 import urllib.error
 import urllib.request
+import warnings
+import zipfile
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -46,6 +48,8 @@ def discon_home() -> Path:
 def load_file(path: str | os.PathLike) -> Any:
     """Read a checkpoint file safely; every failure is a DisconError naming the file."""
     path = Path(path)
+    if path.is_dir():
+        raise DisconError(f"checkpoint {path} is a directory, expected a checkpoint file")
     if not path.is_file():
         raise DisconError(f"checkpoint not found: {path}")
     if path.stat().st_size == 0:
@@ -58,24 +62,45 @@ def load_file(path: str | os.PathLike) -> Any:
         except (SafetensorError, OSError, ValueError) as e:
             raise DisconError(f"checkpoint {path} is not a readable safetensors file "
                               f"(corrupt or truncated?): {e}") from None
+    corrupt = (f"checkpoint {path} is not a checkpoint torch can read: corrupt, truncated or "
+               "another kind of file; re-download or re-save it")
+    with open(path, "rb") as f:
+        head = f.read(4)
+    if head[:2] == b"PK" and not zipfile.is_zipfile(path):
+        raise DisconError(f"checkpoint {path} is truncated or corrupt (a damaged zip archive); "
+                          "re-download or re-save it")
+    if head[:2] != b"PK" and head[:1] != b"\x80":  # neither torch's zip nor its legacy pickle
+        raise DisconError(corrupt)
     try:
-        with torch.serialization.safe_globals(SAFE_GLOBALS):
+        # torch warns (and advises weights_only=False) before the refusal below: never repeat that
+        with torch.serialization.safe_globals(SAFE_GLOBALS), warnings.catch_warnings():
+            warnings.simplefilter("ignore")
             return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # torch raises several types for bad files; classify them
         msg = str(e)
-        if "Unsupported global" in msg or "Weights only load failed" in msg:
-            detail = next((ln.strip() for ln in msg.splitlines() if "Unsupported global" in ln),
-                          msg.splitlines()[0])
+        pickled = head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5
+        if "Unsupported global" in msg or (pickled and "Weights only load failed" in msg):
+            detail = next((ln.strip() for ln in msg.splitlines() if "Unsupported" in ln),
+                          "unsupported pickle content")
             raise DisconError(
-                f"refused to unpickle {path}: it holds objects beyond tensors, containers and "
-                f"argparse.Namespace ({detail}). Nothing in it was executed. If you trust the "
+                f"refused to unpickle {path}: it is not a plain tensor checkpoint (tensors, "
+                f"containers, argparse.Namespace): {detail}. Nothing in it was executed. If you trust the "
                 "file, re-save just its tensors: torch.save(obj['state_dict'], 'clean.pth')"
             ) from None
         if "zip archive" in msg or "central directory" in msg or isinstance(e, EOFError):
             raise DisconError(f"checkpoint {path} is truncated or corrupt ({msg.splitlines()[0]});"
                               " re-download or re-save it") from None
-        raise DisconError(f"{path} is not a checkpoint torch can read "
-                          f"({type(e).__name__}: {msg.splitlines()[0] if msg else ''})") from None
+        raise DisconError(corrupt) from None
+
+
+def check_finite(state: Mapping[str, Any], path: str | os.PathLike) -> None:
+    """Refuse NaN/inf weights at load, naming the first tensors (they would sample black or
+    crash far from the cause)."""
+    bad = [k for k, v in state.items() if isinstance(v, torch.Tensor) and v.is_floating_point()
+           and v.device.type != "meta" and not bool(torch.isfinite(v).all())]
+    if bad:
+        raise DisconError(f"checkpoint {path} holds non-finite values (NaN/inf) in {len(bad)} "
+                          f"tensor(s): {_listing(bad)}; it is corrupt or from a diverged run")
 
 
 def unwrap(obj: Any, path: str | os.PathLike = "<memory>") -> dict[str, torch.Tensor]:
@@ -141,6 +166,7 @@ def key_report(module: torch.nn.Module, state: Mapping[str, torch.Tensor]) -> st
 def load_into(module: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Module:
     """Load a checkpoint file strictly into ``module`` (after prefix selection and drop-lists)."""
     state = select(module, unwrap(load_file(path), path))
+    check_finite(state, path)
     report = key_report(module, state)
     if report:
         prefix = getattr(module, "checkpoint_prefix", "")

@@ -14,7 +14,56 @@ import sys
 import yaml
 
 from .errors import DisconError
+from .hooks import hookimpl
 from .interfaces import KINDS
+
+DEVICES = "auto, cpu, cuda or cuda:N"
+MAX_RUN_IMAGES = 50_000  # an FID-50k set; run keeps every image in memory
+
+
+def resolve_device(value, *, what: str = "--device"):
+    """auto|cpu|cuda|cuda:N (or a torch.device) -> torch.device; a clear error when the device
+    does not exist here, before any work starts."""
+    import torch
+
+    if value is None or str(value) == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(value)
+    except (RuntimeError, TypeError, ValueError):
+        raise DisconError(f"{what} {value!r}: expected {DEVICES}") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise DisconError(f"{what} {value!r}: expected {DEVICES}")
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DisconError(f"{what} {value}: CUDA is not available on this machine; use "
+                              f"{what} cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DisconError(f"{what} {value}: this machine has {torch.cuda.device_count()} "
+                              f"CUDA device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})")
+    return dev
+
+
+def add_device_option(p, default: str | None = "auto") -> None:
+    p.add_argument("--device", default=default, metavar="DEVICE",
+                   help=f"{DEVICES} (auto: cuda if available, else cpu)")
+
+
+def check_output_dir(path, *, what: str = "--out"):
+    """``path`` as a writable folder (created if needed), checked before any work starts."""
+    import tempfile
+    from pathlib import Path
+
+    path = Path(path)
+    if path.exists() and not path.is_dir():
+        raise DisconError(f"{what} {path} is an existing file, expected a folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise DisconError(f"{what} {path} is not a writable folder: {e.strerror or e}") from None
+    return path
 
 
 def _add_plugins(sub) -> None:
@@ -62,13 +111,13 @@ def _add_cache(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="fashion-mnist: first N items only")
     p.add_argument("--image-size", type=int, default=None, help="folder: centre-crop size")
     p.add_argument("--dtok", required=True, help="discrete tokenizer preset")
-    p.add_argument("--dtok-checkpoint", help="its weights: a path or 'pretrained'")
+    p.add_argument("--dtok-checkpoint", help="its weights: a path, 'pretrained' or 'none'")
     p.add_argument("--ctok", required=True, help="continuous tokenizer preset")
-    p.add_argument("--ctok-checkpoint", help="its weights: a path or 'pretrained'")
+    p.add_argument("--ctok-checkpoint", help="its weights: a path, 'pretrained' or 'none'")
     p.add_argument("--out", required=True, help="cache folder (rerun to resume)")
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=64)
-    p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
+    add_device_option(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_cache)
 
@@ -81,8 +130,12 @@ def _cmd_cache(args) -> int:
                        ("image_size", args.image_size)):
         if value is not None:
             data[key] = value
+    resolve_device(args.device)
+    check_output_dir(args.out)
+    ckpts = {k: None if v is not None and v.lower() == "none" else v  # 'none': random init, as run
+             for k, v in (("dtok", args.dtok_checkpoint), ("ctok", args.ctok_checkpoint))}
     path = build_cache(data, args.out, dtok=args.dtok, ctok=args.ctok,
-                       dtok_checkpoint=args.dtok_checkpoint, ctok_checkpoint=args.ctok_checkpoint,
+                       dtok_checkpoint=ckpts["dtok"], ctok_checkpoint=ckpts["ctok"],
                        shard_size=args.shard_size, batch_size=args.batch_size, device=args.device,
                        progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
@@ -93,15 +146,19 @@ def _cmd_cache(args) -> int:
 def _add_config_options(p, example: str) -> None:
     """Options shared by the config-driven sub-commands (train, study)."""
     p.add_argument("--out", help="output folder (overrides the config's out)")
-    p.add_argument("--device", help="cpu, cuda, cuda:N (overrides the config's device)")
+    add_device_option(p, default=None)  # None: the config's device
     p.add_argument("--seed", type=int, help="overrides the config's seed")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a config key (dotted, YAML value), e.g. --set {example}")
 
 
 def _config_overrides(args) -> list[str]:
+    if args.device is not None:
+        resolve_device(args.device)  # fail before the config loads anything
     named = (("out", args.out), ("device", args.device), ("seed", args.seed))
-    return list(args.set) + [f"{key}={value}" for key, value in named if value is not None]
+    # JSON-quoted: YAML reads it back as the same string (an --out named 123 stays a string)
+    return list(args.set) + [f"{key}={json.dumps(value)}" for key, value in named
+                             if value is not None]
 
 
 def _add_train(sub) -> None:
@@ -110,6 +167,8 @@ def _add_train(sub) -> None:
     p.add_argument("config", help="training config (YAML, see configs/)")
     p.add_argument("--resume", nargs="?", const=True, default=None, metavar="CHECKPOINT",
                    help="continue exactly from CHECKPOINT (default: OUT/checkpoint-last.pth)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start afresh in an OUT that holds a run (replaces its checkpoint and log)")
     _add_config_options(p, "steps=200")
     p.set_defaults(func=_cmd_train)
 
@@ -117,7 +176,10 @@ def _add_train(sub) -> None:
 def _cmd_train(args) -> int:
     from .train import TrainConfig, train
 
-    path = train(TrainConfig.load(args.config, _config_overrides(args)), resume=args.resume)
+    if args.resume and args.overwrite:
+        raise DisconError("--resume and --overwrite exclude each other")
+    path = train(TrainConfig.load(args.config, _config_overrides(args)), resume=args.resume,
+                 overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"checkpoint: {path}")
     return 0
@@ -165,7 +227,7 @@ def _add_run(sub) -> None:
     p.add_argument("--cfg", type=float, default=None, help="continuous-stage CFG (default 1: off)")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    add_device_option(p)
     p.add_argument("--out", default="samples", help="output folder (grid.png + one PNG per image)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_run)
@@ -179,13 +241,13 @@ def _cmd_run(args) -> int:
     from .images import save_grid, save_images
     from .pipeline import Pipeline
 
-    if args.num < 1:
-        raise DisconError(f"--num must be >= 1, got {args.num}")
+    if not 1 <= args.num <= MAX_RUN_IMAGES:
+        raise DisconError(f"--num must be in [1, {MAX_RUN_IMAGES}] (run holds every image in "
+                          f"memory), got {args.num}")
     if args.batch_size < 1:
         raise DisconError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise DisconError("--device cuda requested but CUDA is not available; use --device cpu")
-    device = ("cuda" if torch.cuda.is_available() else "cpu") if args.device == "auto" else args.device
+    device = resolve_device(args.device)
+    check_output_dir(args.out)  # before any weights load or sampling
     backbone, dtok = args.backbone, args.dtok
     if args.prior and backbone is None and args.ctok:
         backbone = "discon-l"
@@ -200,7 +262,7 @@ def _cmd_run(args) -> int:
                                ctok=args.ctok, checkpoints=ckpts, device=device)
     num_classes = pipe.prior.num_classes if pipe.prior is not None else pipe.backbone.class_num
     generator = torch.Generator(device=device).manual_seed(args.seed)
-    if args.labels:
+    if args.labels is not None:
         try:
             ids = [int(v) for v in args.labels.split(",") if v.strip()]
         except ValueError:
@@ -218,7 +280,7 @@ def _cmd_run(args) -> int:
                                     prior_cfg=args.prior_cfg, temperature=args.temperature,
                                     cfg_scale=args.cfg, head_steps=head_steps,
                                     generator=generator, progress=not args.no_progress).cpu())
-    if device == "cuda":
+    if device.type == "cuda":
         torch.cuda.synchronize()
     elapsed = time.perf_counter() - start
     images = torch.cat(images)
@@ -230,8 +292,11 @@ def _cmd_run(args) -> int:
     return 0
 
 
-# Sub-commands, in --help order. Later modules add theirs here.
-SUBCOMMANDS = [_add_plugins, _add_show, _add_cache, _add_train, _add_study, _add_run]
+@hookimpl
+def discon_register_commands(subparsers) -> None:
+    """The built-in sub-commands, in --help order (plugins add theirs through the same hook)."""
+    for add in (_add_plugins, _add_show, _add_cache, _add_train, _add_study, _add_run):
+        add(subparsers)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,8 +309,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--debug", action="store_true", help="show tracebacks on errors")
     parser.add_argument("-v", "--verbose", action="store_true", help="log INFO messages")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for add in SUBCOMMANDS:
-        add(sub)
+    from . import hooks
+    hooks.add_commands(sub)
     return parser
 
 

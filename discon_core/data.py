@@ -28,6 +28,7 @@ import torch
 from PIL import Image
 
 from .errors import DisconError, close_matches
+from .hooks import hookimpl
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +49,10 @@ IDX_DTYPES = {0x08: np.dtype("u1"), 0x09: np.dtype("i1"), 0x0B: np.dtype(">i2"),
 
 # ------------------------------------------------------------------------------------------------
 # Image transforms
+
+def _missing(path: Path) -> str:
+    return "is a file, expected a folder" if path.exists() else "does not exist"
+
 
 def center_crop_arr(image: Image.Image, image_size: int) -> Image.Image:
     """ADM's centre crop (as MAR and RAR preprocess ImageNet): halve with BOX filtering while the
@@ -83,7 +88,7 @@ class ImageFolder:
     def __init__(self, root: str | os.PathLike, image_size: int = 256):
         self.root = Path(root)
         if not self.root.is_dir():
-            raise DisconError(f"dataset folder {self.root} does not exist (data.root)")
+            raise DisconError(f"dataset folder {self.root} {_missing(self.root)} (data.root)")
         self.image_size = int(image_size)
         if self.image_size <= 0:
             raise DisconError(f"data.image_size must be a positive integer, got {image_size!r}")
@@ -183,7 +188,7 @@ class FashionMNIST:
                  limit: int | None = None, image_size: int = 32):
         root = Path(root or os.environ.get(FASHION_MNIST_ENV) or FASHION_MNIST_DIR)
         if not root.is_dir():
-            raise DisconError(f"Fashion-MNIST folder {root} does not exist (data.root); install "
+            raise DisconError(f"Fashion-MNIST folder {root} {_missing(root)} (data.root); install "
                               "Debian's dataset-fashion-mnist package or pass a folder holding "
                               "the IDX files")
         if split not in FASHION_MNIST_FILES:
@@ -226,26 +231,29 @@ class FashionMNIST:
         return self.get(index, False)
 
 
-DATASETS = {"fashion-mnist": FashionMNIST, "folder": ImageFolder}
+@hookimpl
+def discon_register_datasets(register):
+    register("fashion-mnist", FashionMNIST)
+    register("folder", ImageFolder)
 
 
 def build_dataset(spec: Mapping[str, Any]):
     """A dataset from a config mapping ``{type: fashion-mnist|folder, ...its arguments}``."""
+    from . import hooks
+    known = hooks.datasets()
     if not isinstance(spec, Mapping) or "type" not in spec:
-        raise DisconError(f"data must be a mapping with a 'type' ({', '.join(DATASETS)}), "
+        raise DisconError(f"data must be a mapping with a 'type' ({', '.join(known)}), "
                           f"got {spec!r}")
     kind = spec["type"]
-    if kind not in DATASETS:
-        raise DisconError(f"unknown data.type {kind!r}; known: {', '.join(DATASETS)}"
-                          f"{close_matches(str(kind), DATASETS)}")
+    if kind not in known:
+        raise DisconError(f"unknown data.type {kind!r}; known: {', '.join(known)}"
+                          f"{close_matches(str(kind), known)}")
     import inspect
-    cls = DATASETS[kind]
-    accepted = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    cls = known[kind].fn
+    accepted = list(inspect.signature(cls).parameters)
     args = {k: v for k, v in spec.items() if k != "type"}
-    unknown = sorted(set(args) - set(accepted))
-    if unknown:
-        raise DisconError(f"unknown data option(s) {', '.join(unknown)} for type {kind!r}; "
-                          f"accepted: {', '.join(accepted)}")
+    from .config import check_keys
+    check_keys(args, accepted, f"data (type {kind!r})", "option")
     return cls(**args)
 
 

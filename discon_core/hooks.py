@@ -36,6 +36,10 @@ ENTRY_POINT_GROUP = "discon"
 DISABLE_ENV = "DISCON_DISABLE_PLUGINS"
 
 BUILTIN_PLUGINS = (
+    "discon_core.recipes",
+    "discon_core.data",
+    "discon_core.cli",
+    "discon_plugins.extractors",
     "discon_plugins.maskgit_vq",
     "discon_plugins.kl_vae",
     "discon_plugins.rar",
@@ -54,6 +58,33 @@ class _Specs:
         are the hyperparameters a preset or an override may set.
         """
 
+    @hookspec
+    def discon_register_presets(self, register: Callable[..., None]) -> None:
+        """Contribute registry entries: ``register(mapping_or_yaml_path)`` with the schema of
+        registry.yaml (``{kind: {name: entry}}``). They overlay the built-in registry; a user
+        registry (``--registry``) overlays them."""
+
+    @hookspec
+    def discon_register_recipes(self, register: Callable[..., None]) -> None:
+        """Training recipes: ``register(name, fn, override=False)``, ``fn(cfg, device) -> Recipe``
+        (``recipe: name`` in a training config)."""
+
+    @hookspec
+    def discon_register_datasets(self, register: Callable[..., None]) -> None:
+        """Datasets: ``register(type_name, factory, override=False)``; ``factory(**options)``
+        returns a dataset with ``len()``, ``get(index, flip) -> (image [3,H,W] in [0,1], label)``
+        (``data: {type: type_name, ...options}`` in a config)."""
+
+    @hookspec
+    def discon_register_extractors(self, register: Callable[..., None]) -> None:
+        """Feature extractors for ``discon eval``: ``register(name, factory, override=False)``,
+        ``factory(device=...)`` returns the extractor module (see discon_core/metrics.py)."""
+
+    @hookspec
+    def discon_register_commands(self, subparsers) -> None:
+        """Add ``discon`` sub-commands: ``p = subparsers.add_parser(...)``, then
+        ``p.set_defaults(func=handler)`` where ``handler(args) -> int`` (exit code)."""
+
 
 @dataclass(frozen=True)
 class Factory:
@@ -65,8 +96,19 @@ class Factory:
     plugin: str
 
 
+@dataclass(frozen=True)
+class Named:
+    """A registered recipe, dataset or extractor and the plugin that provided it."""
+
+    name: str
+    fn: Callable[..., object]
+    plugin: str
+
+
 _manager: pluggy.PluginManager | None = None
 _factories: dict[tuple[str, str], Factory] | None = None
+_named: dict[str, dict[str, Named]] = {}
+generation = 0  # bumped whenever the plugin set changes, so caches built from it (registry) refresh
 
 
 def plugin_manager() -> pluggy.PluginManager:
@@ -86,16 +128,20 @@ def plugin_manager() -> pluggy.PluginManager:
 def register_plugin(plugin: object, name: str | None = None) -> None:
     """Register a plugin object (a module or any object with the hook) programmatically,
     e.g. from a notebook; its factories are visible on the next ``factories()`` call."""
-    global _factories
+    global _factories, generation
     plugin_manager().register(plugin, name=name)
     _factories = None
+    _named.clear()
+    generation += 1
 
 
 def reset() -> None:
     """Forget the plugin manager and factories (re-discovers entry points on next use)."""
-    global _manager, _factories
+    global _manager, _factories, generation
     _manager = None
     _factories = None
+    _named.clear()
+    generation += 1
 
 
 def _is_builtin(plugin_name: str) -> bool:
@@ -107,12 +153,8 @@ def factories() -> dict[tuple[str, str], Factory]:
     global _factories
     if _factories is not None:
         return _factories
-    pm = plugin_manager()
     found: dict[tuple[str, str], Factory] = {}
-    impls = pm.hook.discon_register_components.get_hookimpls()
-    # pluggy calls implementations last-registered first; we want built-ins first.
-    impls = sorted(impls, key=lambda i: (not _is_builtin(i.plugin_name), i.plugin_name))
-    for impl in impls:
+    for impl in _impls("discon_register_components"):
         plugin = impl.plugin_name
 
         def register(kind: str, name: str, factory: Callable[..., object], *,
@@ -134,3 +176,62 @@ def factories() -> dict[tuple[str, str], Factory]:
         impl.function(register=register)
     _factories = found
     return found
+
+
+def _impls(hook: str) -> list:
+    """Implementations of ``hook``, built-ins first (pluggy calls last-registered first)."""
+    impls = getattr(plugin_manager().hook, hook).get_hookimpls()
+    return sorted(impls, key=lambda i: (not _is_builtin(i.plugin_name), i.plugin_name))
+
+
+def _collect(what: str) -> dict[str, Named]:
+    """name -> Named for one of recipes / datasets / extractors (same override rules as
+    components: replacing a name another plugin registered needs ``override=True``)."""
+    if what in _named:
+        return _named[what]
+    found: dict[str, Named] = {}
+    for impl in _impls(f"discon_register_{what}"):
+        def register(name: str, fn: Callable[..., object], *, override: bool = False,
+                     _plugin: str = impl.plugin_name) -> None:
+            if not callable(fn):
+                raise DisconError(f"plugin {_plugin!r}: {what[:-1]} {name!r} is not callable")
+            previous = found.get(name)
+            if previous is not None and not override:
+                raise DisconError(f"plugin {_plugin!r} registers {what[:-1]} {name!r}, which "
+                                  f"plugin {previous.plugin!r} already provides; pass "
+                                  "override=True to register() to replace it deliberately")
+            found[name] = Named(name, fn, _plugin)
+
+        impl.function(register=register)
+    _named[what] = found
+    return found
+
+
+def recipes() -> dict[str, Named]:
+    """Training recipes by name (``recipe:`` in a training config)."""
+    return _collect("recipes")
+
+
+def datasets() -> dict[str, Named]:
+    """Dataset factories by type name (``data: {type: ...}``)."""
+    return _collect("datasets")
+
+
+def extractors() -> dict[str, Named]:
+    """Feature extractors of ``discon eval`` by name."""
+    return _collect("extractors")
+
+
+def presets() -> list[tuple[object, str]]:
+    """Registry entries contributed by plugins: ``(mapping or YAML path, plugin name)``, in
+    registration order (built-ins first)."""
+    out: list[tuple[object, str]] = []
+    for impl in _impls("discon_register_presets"):
+        impl.function(register=lambda entries, _p=impl.plugin_name: out.append((entries, _p)))
+    return out
+
+
+def add_commands(subparsers) -> None:
+    """Let every plugin add its ``discon`` sub-commands (built-in ones first)."""
+    for impl in _impls("discon_register_commands"):
+        impl.function(subparsers=subparsers)

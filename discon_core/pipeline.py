@@ -51,20 +51,51 @@ def cfg_at(cfg_scale: float, schedule: str, seq_len: int, mask_len_next: int) ->
     return cfg_scale
 
 
+def as_labels(labels) -> torch.Tensor:
+    """Class ids (a tensor, list or tuple of ints) -> int64 [B]; empty or other input is refused."""
+    if not torch.is_tensor(labels):
+        try:
+            labels = torch.as_tensor(labels)
+        except (TypeError, ValueError, RuntimeError):
+            raise DisconError(f"labels must be class ids (an int64 tensor [B] or a list of ints), "
+                              f"got {type(labels).__name__}") from None
+    if not labels.numel():
+        raise DisconError("labels is empty: give at least one class id")
+    if labels.dim() != 1 or labels.is_floating_point() or labels.is_complex():
+        raise DisconError(f"labels must be int64 [B], got {labels.dtype} {list(labels.shape)}")
+    return labels.long()
+
+
+def _weights_device(module, kind: str) -> torch.device:
+    device = next(module.parameters()).device
+    if device.type == "meta":
+        raise DisconError(f"the {kind} is on the meta device (built with device='meta': shapes "
+                          "only, no weights); build it on cpu or cuda to sample")
+    return device
+
+
+def check_stage_finite(x: torch.Tensor, stage: str) -> torch.Tensor:
+    """Stop a sampling stage whose output is NaN/inf (corrupt or diverged weights) instead of
+    writing black images or failing later in an unrelated op."""
+    if x.is_floating_point() and not bool(torch.isfinite(x).all()):
+        raise DisconError(f"{stage} produced non-finite values (NaN/inf): its weights are corrupt "
+                          "or diverged, or the precision overflowed (try fp32)")
+    return x
+
+
 def _check_sampler_args(backbone, labels, cond, ar_steps, temperature, cfg_scale, cfg_schedule):
     n = backbone.seq_len
     if not isinstance(ar_steps, int) or not 1 <= ar_steps <= n:
         raise DisconError(f"ar_steps must be an integer in [1, {n}] (the sequence length), "
                           f"got {ar_steps!r}")
-    if labels.dim() != 1 or labels.is_floating_point():
-        raise DisconError(f"labels must be int64 [B], got {labels.dtype} {list(labels.shape)}")
     if cfg_schedule not in CFG_SCHEDULES:
         raise DisconError(f"cfg_schedule must be one of {', '.join(CFG_SCHEDULES)}, "
                           f"got {cfg_schedule!r}")
-    if temperature < 0:
-        raise DisconError(f"temperature must be >= 0, got {temperature}")
-    if cfg_scale < 0:
-        raise DisconError(f"cfg_scale must be >= 0 (1 disables guidance), got {cfg_scale}")
+    if not math.isfinite(temperature) or temperature < 0:
+        raise DisconError(f"temperature must be a finite number >= 0, got {temperature}")
+    if not math.isfinite(cfg_scale) or cfg_scale < 0:
+        raise DisconError(f"cfg_scale must be a finite number >= 0 (1 disables guidance), got "
+                          f"{cfg_scale}")
     if cond is not None:
         if cond.shape != (labels.shape[0], n):
             raise DisconError(f"cond must be int64 [{labels.shape[0]}, {n}] (B, seq_len), got "
@@ -90,10 +121,12 @@ def sample_tokens(backbone, head, labels: torch.Tensor, *, cond: torch.Tensor | 
     Extensions: ``head_steps`` overrides the head's sampling steps; ``orders`` (int64 [B, N])
     replaces the random orders drawn from ``generator``.
     """
+    labels = as_labels(labels)
     if cond is not None and cond.dim() == 3:
         cond = cond.flatten(1)
     _check_sampler_args(backbone, labels, cond, ar_steps, temperature, cfg_scale, cfg_schedule)
-    device = next(backbone.parameters()).device
+    device = _weights_device(backbone, "backbone")
+    _weights_device(head, "head")
     b, n, d = labels.shape[0], backbone.seq_len, backbone.token_dim
     labels = labels.to(device)
     cond = cond.to(device) if cond is not None else None
@@ -135,7 +168,7 @@ def sample_tokens(backbone, head, labels: torch.Tensor, *, cond: torch.Tensor | 
                                   generator=generator)
             tokens[to_pred] = new.to(tokens.dtype)
         mask = mask_next
-    return tokens
+    return check_stage_finite(tokens, "the continuous stage (backbone + head)")
 
 
 # -- the pipeline --------------------------------------------------------------------------------
@@ -229,6 +262,13 @@ class Pipeline:
     """Class labels -> images, through whichever components are given (see the module doc)."""
 
     def __init__(self, prior=None, dtok=None, backbone=None, head=None, ctok=None):
+        from .interfaces import PROTOCOLS
+        given = {"prior": prior, "dtok": dtok, "backbone": backbone, "head": head, "ctok": ctok}
+        for kind, module in given.items():
+            if module is not None and not isinstance(module, PROTOCOLS[kind]):
+                raise DisconError(f"Pipeline({kind}=...): got {type(module).__name__}, which is "
+                                  f"not a {PROTOCOLS[kind].__name__}; accepted: a module built by "
+                                  f"build({kind!r}, name) (or None)")
         self.mode = check_compatible(prior, dtok, backbone, head, ctok)
         self.prior, self.dtok, self.backbone, self.head, self.ctok = prior, dtok, backbone, head, ctok
         for module in (prior, dtok, backbone, head, ctok):
@@ -282,9 +322,10 @@ class Pipeline:
         With ``return_tokens``: ``(images, discrete tokens [B,h,w] or None, latents [B,C,h,w]
         or None)``.
         """
-        labels = torch.as_tensor(labels, dtype=torch.int64)
-        if labels.dim() != 1:
-            raise DisconError(f"labels must be a 1-D list of class ids, got shape {list(labels.shape)}")
+        labels = as_labels(labels)
+        for kind in ("prior", "dtok", "backbone", "head", "ctok"):
+            if getattr(self, kind) is not None:
+                _weights_device(getattr(self, kind), kind)
         num_classes = self.prior.num_classes if self.prior is not None else self.backbone.class_num
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
             raise DisconError(f"labels must lie in [0, {num_classes}), got "
@@ -298,10 +339,22 @@ class Pipeline:
             cfg = cfg if prior_cfg is None else prior_cfg
             temp = temp if temperature is None else temperature
             prior_device = next(self.prior.parameters()).device
-            discrete = self.prior.sample(labels.to(prior_device), cfg_scale=cfg, temperature=temp,
-                                         generator=generator, progress=progress, **sampling)
+            try:
+                discrete = self.prior.sample(labels.to(prior_device), cfg_scale=cfg,
+                                             temperature=temp, generator=generator,
+                                             progress=progress, **sampling)
+            except RuntimeError as e:  # torch.multinomial on NaN/inf probabilities
+                if "inf" not in str(e) and "nan" not in str(e):
+                    raise
+                raise DisconError("the prior produced non-finite logits (NaN/inf): its weights "
+                                  "are corrupt or diverged, or the precision overflowed") from None
+            codes = self.prior.codebook_size
+            if discrete.numel() and (discrete.min() < 0 or discrete.max() >= codes):
+                raise DisconError(f"the prior produced token ids outside [0, {codes}); its "
+                                  "weights are corrupt or do not match its preset")
             if self.mode == "discrete":
                 images = self.dtok.decode(discrete.to(next(self.dtok.parameters()).device))
+                images = check_stage_finite(images, "the dtok decoder")
                 return (images, discrete, None) if return_tokens else images
         sampling = _sampling(self.backbone)
         x = sample_tokens(
@@ -313,4 +366,5 @@ class Pipeline:
             progress=progress, head_steps=head_steps)
         latents = self.backbone.unpatchify(x)
         images = self.ctok.decode(latents.to(next(self.ctok.parameters()).device))
+        images = check_stage_finite(images, "the ctok decoder")
         return (images, discrete, latents) if return_tokens else images

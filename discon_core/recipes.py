@@ -17,11 +17,14 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from . import hooks
+from .config import check_keys
 from .errors import DisconError, close_matches
+from .hooks import hookimpl
 from .pipeline import check_compatible
 
 if TYPE_CHECKING:
-    from .train import TrainConfig
+    from .config import TrainConfig
 
 def component_spec(spec: Any, kind: str) -> dict[str, Any]:
     """Normalise ``name`` or ``{preset, checkpoint, overrides}`` to the mapping form."""
@@ -30,10 +33,7 @@ def component_spec(spec: Any, kind: str) -> dict[str, Any]:
     if not isinstance(spec, Mapping) or "preset" not in spec:
         raise DisconError(f"components.{kind} must be a preset name or a mapping with 'preset', "
                           f"got {spec!r}")
-    bad = sorted(set(spec) - {"preset", "checkpoint", "overrides", "kind"})
-    if bad:
-        raise DisconError(f"components.{kind}: unknown key(s) {', '.join(bad)}; keys are "
-                          "preset, checkpoint, overrides, kind")
+    check_keys(spec, ("preset", "checkpoint", "overrides", "kind"), f"components.{kind}")
     return {"preset": spec["preset"], "checkpoint": spec.get("checkpoint"),
             "overrides": dict(spec.get("overrides") or {}), "kind": spec.get("kind", kind)}
 
@@ -183,10 +183,7 @@ def recipe_discon(cfg: TrainConfig, device) -> Recipe:
     opts = dict(cfg.recipe_options)
     sample_opts = opts.pop("sampling", {}) or {}
     allowed = {"use_cond", "mask_ratio_min", "diffusion_batch_mul"}
-    bad = sorted(set(opts) - allowed)
-    if bad:
-        raise DisconError(f"recipe_options for discon: unknown {', '.join(bad)}; accepted: "
-                          f"{', '.join(sorted(allowed | {'sampling'}))}")
+    check_keys(opts, allowed, "recipe_options for discon", "option")
     model = DisconObjective(backbone, head, ctok, **opts)
 
     def to_file(k: str) -> str:
@@ -252,19 +249,23 @@ def recipe_tokenizer(cfg: TrainConfig, device) -> Recipe:
                   samples=samples, info={"kind": kind})
 
 
-RECIPES: dict[str, Callable[[TrainConfig, torch.device], Recipe]] = {
-    "discon": recipe_discon, "prior": recipe_prior, "tokenizer": recipe_tokenizer}
+@hookimpl
+def discon_register_recipes(register):
+    register("discon", recipe_discon)
+    register("prior", recipe_prior)
+    register("tokenizer", recipe_tokenizer)
 
 
 def make_recipe(cfg: TrainConfig, device) -> Recipe:
-    """A built-in recipe by name, or ``package.module:function`` for your own."""
+    """A registered recipe by name (built-in or from a plugin's hook), or ``package.module:function`` for your own."""
     if ":" in cfg.recipe:
         mod, _, fn = cfg.recipe.partition(":")
         try:
             return getattr(importlib.import_module(mod), fn)(cfg, device)
         except (ImportError, AttributeError) as e:
             raise DisconError(f"recipe {cfg.recipe!r} cannot be imported: {e}") from None
-    if cfg.recipe not in RECIPES:
-        raise DisconError(f"unknown recipe {cfg.recipe!r}; built-in: {', '.join(RECIPES)} (or "
-                          f"package.module:function){close_matches(cfg.recipe, RECIPES)}")
-    return RECIPES[cfg.recipe](cfg, device)
+    known = hooks.recipes()
+    if cfg.recipe not in known:
+        raise DisconError(f"unknown recipe {cfg.recipe!r}; registered: {', '.join(known)} (or "
+                          f"package.module:function){close_matches(cfg.recipe, known)}")
+    return known[cfg.recipe].fn(cfg, device)

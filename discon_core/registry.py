@@ -33,6 +33,7 @@ import torch
 import yaml
 
 from . import hooks
+from .config import check_keys, one_line, read_text
 from .errors import DisconError, close_matches
 from .interfaces import KINDS, PROTOCOLS
 
@@ -85,6 +86,7 @@ class Preset:
 
 _user_registry: Path | None = None
 _cache: dict[str, dict[str, tuple[dict, str]]] | None = None
+_cache_generation = -1
 
 
 def set_user_registry(path: str | os.PathLike | None) -> None:
@@ -102,33 +104,34 @@ def _type_name(t) -> str:
 
 def _validate_file(path: Path) -> dict[str, dict[str, dict]]:
     """Parse and validate one registry file; errors name the file, entry and field."""
-    try:
-        text = path.read_text()
-    except OSError as e:
-        raise DisconError(f"cannot read registry file {path}: {e.strerror or e}") from None
+    text = read_text(path, "registry file")
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise DisconError(f"registry file {path} is not valid YAML: {e}") from None
+        raise DisconError(f"registry file {path} is not valid YAML: {one_line(e)}") from None
+    return _validate(data, f"registry file {path}")
+
+
+def _validate(data: Any, source: str) -> dict[str, dict[str, dict]]:
+    """Validate registry entries (from a file or a plugin's presets hook); errors name the
+    source, entry and field."""
     if data is None:
         return {}
     if not isinstance(data, dict):
-        raise DisconError(f"registry file {path}: top level must be a mapping of kinds "
+        raise DisconError(f"{source}: top level must be a mapping of kinds "
                           f"({', '.join(KINDS)}), got {type(data).__name__}")
     for kind, entries in data.items():
         if kind not in KINDS:
-            raise DisconError(f"registry file {path}: unknown kind {kind!r}; kinds are "
+            raise DisconError(f"{source}: unknown kind {kind!r}; kinds are "
                               f"{', '.join(KINDS)}{close_matches(str(kind), KINDS)}")
         if not isinstance(entries, dict):
-            raise DisconError(f"registry file {path}: {kind} must map preset names to entries")
+            raise DisconError(f"{source}: {kind} must map preset names to entries")
         for name, entry in entries.items():
-            where = f"registry file {path}, entry {kind}/{name}"
+            where = f"{source}, entry {kind}/{name}"
             if not isinstance(entry, dict):
                 raise DisconError(f"{where}: must be a mapping, got {type(entry).__name__}")
+            check_keys(entry, ENTRY_FIELDS, where, "field")
             for key, value in entry.items():
-                if key not in ENTRY_FIELDS:
-                    raise DisconError(f"{where}: unknown field {key!r}; fields are "
-                                      f"{', '.join(ENTRY_FIELDS)}{close_matches(key, ENTRY_FIELDS)}")
                 if not isinstance(value, ENTRY_FIELDS[key]):
                     raise DisconError(f"{where}, field {key!r}: expected "
                                       f"{_type_name(ENTRY_FIELDS[key])}, got {type(value).__name__}")
@@ -138,10 +141,8 @@ def _validate_file(path: Path) -> dict[str, dict[str, dict]]:
             if ckpt is not None:
                 if "file" not in ckpt:
                     raise DisconError(f"{where}, field 'checkpoint': missing 'file'")
+                check_keys(ckpt, CHECKPOINT_FIELDS, f"{where}, field 'checkpoint'")
                 for key, value in ckpt.items():
-                    if key not in CHECKPOINT_FIELDS:
-                        raise DisconError(f"{where}, field 'checkpoint': unknown key {key!r}; keys "
-                                          f"are {', '.join(CHECKPOINT_FIELDS)}")
                     if not isinstance(value, CHECKPOINT_FIELDS[key]):
                         raise DisconError(f"{where}, field 'checkpoint.{key}': expected "
                                           f"{_type_name(CHECKPOINT_FIELDS[key])}, got "
@@ -154,22 +155,31 @@ def _validate_file(path: Path) -> dict[str, dict[str, dict]]:
 
 
 def _entries() -> dict[str, dict[str, tuple[dict, str]]]:
-    """kind -> name -> (raw entry, source file), built-in overlaid by the user registry."""
-    global _cache
-    if _cache is None:
+    """kind -> name -> (raw entry, source), built-in < plugin presets < user registry."""
+    global _cache, _cache_generation
+    if _cache is None or _cache_generation != hooks.generation:
+        _cache_generation = hooks.generation
         files = [BUILTIN_REGISTRY]
         user = _user_registry or (Path(os.environ[REGISTRY_ENV]) if os.environ.get(REGISTRY_ENV)
                                   else None)
         if user is not None:
-            if not user.is_file():
+            if not user.exists():
                 raise DisconError(f"user registry file {user} does not exist "
                                   f"(from --registry or ${REGISTRY_ENV})")
             files.append(user)
+        # built-in file, then presets contributed by plugins, then the user registry
+        layers = [(_validate_file(files[0]), str(files[0]))]
+        for entries, plugin in hooks.presets():
+            if isinstance(entries, (str, os.PathLike)):
+                layers.append((_validate_file(Path(entries)), str(entries)))
+            else:
+                layers.append((_validate(entries, f"presets of plugin {plugin!r}"), plugin))
+        layers += [(_validate_file(path), str(path)) for path in files[1:]]
         merged: dict[str, dict[str, tuple[dict, str]]] = {k: {} for k in KINDS}
-        for path in files:
-            for kind, entries in _validate_file(path).items():
+        for data, source in layers:
+            for kind, entries in data.items():
                 for name, entry in entries.items():
-                    merged[kind][str(name)] = (entry, str(path))
+                    merged[kind][str(name)] = (entry, source)
         _cache = merged
     return _cache
 
@@ -251,6 +261,35 @@ def accepted_params(fn) -> list[str] | None:
             if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)]
 
 
+# int hyperparameters that count or size something: 0 or less builds a broken model
+SIZE_NAME = re.compile(r"depth|layers|heads|dim|size|channels|res_blocks|stride|hidden|embed|"
+                       r"class_num|num_classes|seq_len|mul$|_w$|_d$|^ch$")
+
+
+def check_params(fn, params: dict[str, Any], where: str) -> dict[str, Any]:
+    """Check hyperparameters against the type of each factory default (ints stay ints, bools
+    bools, floats in any YAML spelling; sizes positive); returns them with floats coerced."""
+    from .config import coerce
+
+    defaults = {n: p.default for n, p in inspect.signature(fn).parameters.items()
+                if p.default is not p.empty and p.default is not None}
+    out = dict(params)
+    for key, value in params.items():
+        if key not in defaults or value is None:
+            continue
+        default = defaults[key]
+        t = type(default)
+        if t in (bool, int, float):
+            out[key] = coerce(value, t, key, where)
+            if t is int and not isinstance(value, int):  # ints stay ints: no "4" or 4.0 depths
+                raise DisconError(f"{where}: {key} must be an integer, got {value!r}")
+            if t is int and default > 0 and SIZE_NAME.search(key) and value < 1:
+                raise DisconError(f"{where}: {key} must be a positive integer, got {value!r}")
+        elif t is tuple and not isinstance(value, (list, tuple)):
+            raise DisconError(f"{where}: {key} must be a list, got {value!r}")
+    return out
+
+
 def build(kind: str, name: str, *, checkpoint: str | os.PathLike | None = None,
           device: str | torch.device | None = None, dtype: torch.dtype | None = None,
           **overrides: Any) -> torch.nn.Module:
@@ -280,8 +319,17 @@ def build(kind: str, name: str, *, checkpoint: str | os.PathLike | None = None,
         raise DisconError(f"{kind} preset {name!r} ({preset.source}) names factory "
                           f"{preset.factory!r}, which no plugin registers"
                           f"{close_matches(preset.factory, known)}")
+    if checkpoint is not None and not isinstance(checkpoint, (str, os.PathLike)):
+        raise DisconError(f"build({kind!r}, {name!r}): checkpoint must be a path, 'pretrained' "
+                          f"or None, got {type(checkpoint).__name__} {checkpoint!r}")
+    if device is not None and str(device) != "meta":
+        from .cli import resolve_device
+        device = resolve_device(device, what=f"build({kind!r}, {name!r}): device")
+    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+        raise DisconError(f"build({kind!r}, {name!r}): dtype must be a floating torch.dtype "
+                          f"(torch.float32, torch.bfloat16, torch.float16) or None, got {dtype!r}")
     accepted = accepted_params(fac.fn)
-    params = {**preset.params, **overrides}
+    params = check_params(fac.fn, {**preset.params, **overrides}, f"{kind} {name!r}")
     if accepted is not None:
         for source, names in (("override", overrides), (f"preset {kind}/{name} param", preset.params)):
             unknown = sorted(set(names) - set(accepted))

@@ -20,7 +20,6 @@ folders to delete. Delete a stage's folder to redo it from scratch.
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from collections.abc import Mapping
@@ -31,7 +30,8 @@ import torch
 
 from .errors import DisconError
 from .recipes import component_spec
-from .train import LAST, TrainConfig, apply_overrides, load_yaml, train
+from .config import TrainConfig, apply_overrides, check_keys, coerce, load_yaml, read_json
+from .train import LAST, train
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def _train_stage(name: str, out: Path, base: dict, train_cfg: dict, *, recipe: s
     verb = "resuming at step %d" % done if done is not None else "training"
     _say(f"{name}: {verb} -> {cfg.steps} steps, batch {cfg.batch_size} ({out / name})")
     t0 = time.perf_counter()
-    train(cfg, resume=True)
+    train(cfg, resume="auto")
     _say(f"{name}: done in {time.perf_counter() - t0:.0f} s")
     return True
 
@@ -112,18 +112,18 @@ def run_study(config: str | Path, overrides: list[str] = ()) -> Path:
     from .registry import build
 
     raw = apply_overrides(load_yaml(config), list(overrides))
-    unknown = sorted(set(raw) - STUDY_KEYS)
-    if unknown:
-        raise DisconError(f"study config {config}: unknown key(s) {', '.join(unknown)}; keys are "
-                          f"{', '.join(sorted(STUDY_KEYS))}")
+    check_keys(raw, STUDY_KEYS, f"study config {config}")
+    for key, t in (("seed", int), ("threads", int | None), ("out", str), ("device", str | None)):
+        if key in raw:
+            raw[key] = coerce(raw[key], t, key, f"study config {config}")
     if raw.get("threads") is not None:
         # tiny models are per-op-overhead bound: on busy cores one thread avoids descheduled
         # OpenMP workers (measured: 1.7 s vs 7.3 s per DisCon step on a shared 2-core machine)
         torch.set_num_threads(int(raw["threads"]))
-    out = Path(raw.get("out", "runs/study"))
-    out.mkdir(parents=True, exist_ok=True)
-    seed = int(raw.get("seed", 0))
-    device = torch.device(raw.get("device") or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from .cli import check_output_dir, resolve_device
+    device = resolve_device(raw.get("device"), what="device")
+    out = check_output_dir(raw.get("out", "runs/study"), what="out")
+    seed = raw.get("seed", 0)
     base = {"seed": seed, "device": str(device)}
     data = _section(raw, "data")
     dtok, ctok = _section(raw, "dtok"), _section(raw, "ctok")
@@ -145,8 +145,8 @@ def run_study(config: str | Path, overrides: list[str] = ()) -> Path:
     if (changed["dtok"] or changed["ctok"]) and (cache_dir / "manifest.json").exists():
         raise DisconError(f"a tokenizer was retrained; delete {cache_dir} (and the stages after "
                           "it) to rebuild the cache with the new weights")
-    complete = (cache_dir / "manifest.json").is_file() and json.loads(
-        (cache_dir / "manifest.json").read_text()).get("complete")
+    complete = (cache_dir / "manifest.json").is_file() and read_json(
+        cache_dir / "manifest.json", "cache manifest").get("complete")
     if complete:
         _say(f"cache: reusing {cache_dir}")
     else:

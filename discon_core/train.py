@@ -10,10 +10,16 @@ periodic checkpoints holding everything needed for an exact ``--resume`` (model,
 scheduler, step, data position, every RNG of every rank), a stop on NaN/inf that keeps the last
 good checkpoint, tqdm progress, a JSON-lines log and sample grids.
 
+A run is never clobbered: a fresh start into an ``out`` that holds ``checkpoint-last.pth`` or
+``log.jsonl`` is refused without ``--overwrite``, ``--resume`` without a checkpoint is refused,
+temp files of a killed save are removed at the next start, and checkpoints with NaN/inf weights
+are refused at load.
+
 Launch::
 
     discon train configs/fmnist_discon.yaml                       # one process
     discon train configs/fmnist_discon.yaml --resume              # continue out/checkpoint-last.pth
+    discon train configs/fmnist_discon.yaml --overwrite           # replace the run held in out
     torchrun --nproc_per_node 8 -m discon_core.cli train configs/imagenet_discon_l.yaml
     torchrun --nnodes 4 --nproc_per_node 8 --rdzv_backend c10d --rdzv_endpoint HOST:29500 \\
         -m discon_core.cli train configs/imagenet_discon_l.yaml   # multi-node
@@ -25,8 +31,6 @@ checkpoint=f)`` and ``build('head', name, checkpoint=f)`` both load from it (EMA
 from __future__ import annotations
 
 import contextlib
-import copy
-import dataclasses
 import json
 import logging
 import math
@@ -34,7 +38,6 @@ import os
 import random
 import time
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -43,139 +46,14 @@ import torch
 import yaml
 from torch import nn
 
-from .errors import DisconError, close_matches
+from .config import OptimConfig, TrainConfig, apply_overrides, load_yaml  # noqa: F401 (re-exported)
+from .errors import DisconError
 from .recipes import Recipe, component_spec, make_recipe
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "discon-train/1"
 LAST = "checkpoint-last.pth"
-
-
-# ------------------------------------------------------------------------------------------------
-# Configuration
-
-@dataclass
-class OptimConfig:
-    """AdamW + schedule. ``lr`` wins over ``blr`` (then ``lr = blr * batch_size / 256``, MAR)."""
-
-    blr: float = 1e-4
-    lr: float | None = None
-    betas: tuple[float, float] = (0.9, 0.95)
-    weight_decay: float = 0.02
-    warmup_steps: int | None = None
-    warmup_epochs: float | None = None
-    schedule: str = "constant"          # constant | cosine
-    min_lr: float = 0.0
-
-
-@dataclass
-class TrainConfig:
-    """A training run; loaded from plain YAML (see configs/). Unknown keys are an error."""
-
-    recipe: str                                   # discon | prior | tokenizer | pkg.module:function
-    components: dict[str, Any]                    # kind -> preset name or {preset, checkpoint, overrides}
-    data: dict[str, Any]                          # {cache: folder} or a data.build_dataset mapping
-    out: str = "runs/train"
-    steps: int | None = None
-    epochs: float | None = None
-    batch_size: int = 64                          # global, over all processes
-    optimizer: OptimConfig = field(default_factory=OptimConfig)
-    grad_clip: float | None = 3.0
-    ema_rate: float = 0.9999
-    precision: str = "fp32"                       # fp32 | bf16 (autocast)
-    grad_checkpointing: bool = False
-    compile: bool = False
-    fsdp: bool = False
-    seed: int = 1
-    device: str | None = None                     # default: cuda if available, else cpu
-    ckpt_every: int = 1000
-    keep_every: int | None = None                 # also keep checkpoint-<step>.pth every N steps
-    log_every: int = 10
-    sample_every: int | None = None
-    num_samples: int = 16
-    num_workers: int = 0
-    progress: bool = True
-    recipe_options: dict[str, Any] = field(default_factory=dict)
-
-    @classmethod
-    def from_dict(cls, raw: Mapping[str, Any], where: str = "config") -> "TrainConfig":
-        if not isinstance(raw, Mapping):
-            raise DisconError(f"{where}: expected a mapping, got {type(raw).__name__}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(raw) - names)
-        if unknown:
-            raise DisconError(f"{where}: unknown key(s) {', '.join(unknown)}"
-                              f"{close_matches(unknown[0], names)}; keys are {', '.join(sorted(names))}")
-        for req in ("recipe", "components", "data"):
-            if req not in raw:
-                raise DisconError(f"{where}: missing key {req!r}")
-        args = dict(raw)
-        opt = args.get("optimizer") or {}
-        onames = {f.name for f in dataclasses.fields(OptimConfig)}
-        bad = sorted(set(opt) - onames)
-        if bad:
-            raise DisconError(f"{where}: unknown optimizer key(s) {', '.join(bad)}; keys are "
-                              f"{', '.join(sorted(onames))}")
-        if "betas" in opt:
-            opt = {**opt, "betas": tuple(float(b) for b in opt["betas"])}
-        args["optimizer"] = OptimConfig(**opt)
-        cfg = cls(**args)
-        cfg.validate(where)
-        return cfg
-
-    @classmethod
-    def load(cls, path: str | os.PathLike, overrides: list[str] = ()) -> "TrainConfig":
-        return cls.from_dict(apply_overrides(load_yaml(path), overrides), str(path))
-
-    def validate(self, where: str = "config") -> None:
-        if self.precision not in ("fp32", "bf16"):
-            raise DisconError(f"{where}: precision must be fp32 or bf16, got {self.precision!r}")
-        if self.optimizer.schedule not in ("constant", "cosine"):
-            raise DisconError(f"{where}: optimizer.schedule must be constant or cosine, got "
-                              f"{self.optimizer.schedule!r}")
-        if (self.steps is None) == (self.epochs is None):
-            raise DisconError(f"{where}: give exactly one of steps or epochs")
-        for name in ("batch_size", "ckpt_every", "log_every"):
-            if int(getattr(self, name)) <= 0:
-                raise DisconError(f"{where}: {name} must be a positive integer")
-        if not isinstance(self.components, Mapping) or not self.components:
-            raise DisconError(f"{where}: components must map kinds to presets")
-
-    def as_dict(self) -> dict[str, Any]:
-        d = dataclasses.asdict(self)
-        d["optimizer"]["betas"] = list(d["optimizer"]["betas"])
-        return d
-
-
-def load_yaml(path: str | os.PathLike) -> dict:
-    path = Path(path)
-    if not path.is_file():
-        raise DisconError(f"config file {path} does not exist")
-    try:
-        data = yaml.safe_load(path.read_text())
-    except yaml.YAMLError as e:
-        raise DisconError(f"config file {path} is not valid YAML: {e}") from None
-    if not isinstance(data, dict):
-        raise DisconError(f"config file {path}: top level must be a mapping")
-    return data
-
-
-def apply_overrides(raw: dict, overrides: list[str]) -> dict:
-    """``--set a.b=value`` edits (value parsed as YAML) on a nested mapping."""
-    raw = copy.deepcopy(raw)
-    for item in overrides or ():
-        if "=" not in item:
-            raise DisconError(f"--set expects KEY=VALUE (dotted keys), got {item!r}")
-        key, value = item.split("=", 1)
-        node = raw
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-            if not isinstance(node, dict):
-                raise DisconError(f"--set {item!r}: {p!r} is not a mapping")
-        node[parts[-1]] = yaml.safe_load(value)
-    return raw
 
 
 # ------------------------------------------------------------------------------------------------
@@ -187,9 +65,8 @@ def setup_distributed(device: str | None = None) -> tuple[int, int, torch.device
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    if device is None:
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    from .cli import resolve_device
+    dev = resolve_device(device, what="device")
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local)
         torch.cuda.set_device(dev)
@@ -323,6 +200,15 @@ def _identity_keys(cfg: TrainConfig) -> dict[str, Any]:
             "seed": cfg.seed}
 
 
+def _log_step(line: str) -> int | None:
+    """The step of one log.jsonl line; None for a line a killed process left half-written."""
+    try:
+        record = json.loads(line)
+    except ValueError:
+        return None
+    return int(record.get("step", 0)) if isinstance(record, dict) else None
+
+
 class Trainer:
     """Runs a :class:`TrainConfig`. ``Trainer(cfg).fit(resume=...)`` returns the final step."""
 
@@ -447,7 +333,7 @@ class Trainer:
     def load(self, path: str | os.PathLike) -> None:
         """Restore everything from a checkpoint written by :meth:`save`."""
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-        from .checkpoints import load_file
+        from .checkpoints import check_finite, load_file
         path = Path(path)
         state = load_file(path)
         if not isinstance(state, Mapping) or state.get("format") != CHECKPOINT_FORMAT:
@@ -461,6 +347,8 @@ class Trainer:
                               f"{', '.join(diff)} (checkpoint: "
                               f"{ {k: have.get(k) for k in diff} }, config: "
                               f"{ {k: want.get(k) for k in diff} })")
+        for part in ("model", "model_ema"):
+            check_finite(state[part], f"{path} ({part})")
         self._set_full_state(state["model_ema"], "model_ema", path)
         self.ema.copy_from_params()
         self._set_full_state(state["model"], "model", path)
@@ -483,8 +371,8 @@ class Trainer:
         path = self.out / "log.jsonl"
         if not path.is_file():
             return
-        kept = [line for line in path.read_text().splitlines()
-                if line.strip() and json.loads(line).get("step", 0) <= self.step]
+        kept = [line for line in path.read_text(errors="replace").splitlines()
+                if _log_step(line) is not None and _log_step(line) <= self.step]
         path.write_text("".join(line + "\n" for line in kept))
 
     def _log(self, record: dict) -> None:
@@ -523,19 +411,20 @@ class Trainer:
                 for k, v in batch.items()}
 
     # -- the loop --------------------------------------------------------------------------------
-    def fit(self, resume: str | os.PathLike | bool | None = None) -> int:
-        """Train to ``total_steps``; ``resume``: a checkpoint path, or True for out/checkpoint-last.pth
-        (a fresh start when it does not exist yet)."""
+    def fit(self, resume: str | os.PathLike | bool | None = None, overwrite: bool = False) -> int:
+        """Train to ``total_steps``; ``resume``: a checkpoint path, True for
+        out/checkpoint-last.pth, or "auto" (that file when it exists, else a fresh start)."""
         from tqdm.auto import tqdm
 
         from .data import StepBatches
-        self.out.mkdir(parents=True, exist_ok=True)
+        check_run_dir(self.out, resume, overwrite)
+        if self.rank == 0:  # temp files of a save that was killed (SIGKILL skips the cleanup)
+            for tmp in self.out.glob(".checkpoint-*.pth.*.tmp"):
+                tmp.unlink(missing_ok=True)
         if resume:
-            path = self.checkpoint_path() if resume is True else Path(resume)
+            path = self.checkpoint_path() if resume in (True, "auto") else Path(resume)
             if path.is_file():
                 self.load(path)
-            elif resume is not True:
-                raise DisconError(f"--resume: checkpoint {path} does not exist")
         if self.rank == 0:
             (self.out / "config.yaml").write_text(yaml.safe_dump(self.cfg.as_dict(), sort_keys=False))
             self._trim_log()
@@ -598,20 +487,43 @@ class Trainer:
         return self.step
 
     def _nonfinite(self, what: str, value: float, lr: float) -> None:
-        self._log({"step": self.step, "event": "nonfinite", "what": what, "value": str(value),
+        failing = self.step + 1  # self.step counts the steps completed before this one
+        self._log({"step": failing, "event": "nonfinite", "what": what, "value": str(value),
                    "lr": lr})
         keep = (f"the last good checkpoint {self.last_good} is kept" if self.last_good
                 else "no checkpoint was written yet")
-        raise DisconError(f"{what} is {value} at step {self.step}: training stopped; {keep}. "
+        raise DisconError(f"{what} is {value} at step {failing}: training stopped; {keep}. "
                           "Lower the learning rate (optimizer.blr), keep grad_clip on, or use "
                           "precision: fp32, then continue with --resume")
 
 
-def train(cfg: TrainConfig, resume: str | os.PathLike | bool | None = None) -> Path:
-    """Run one training config; returns the path of its final checkpoint."""
+def check_run_dir(out: Path, resume, overwrite: bool = False) -> None:
+    """Refuse to clobber a run in ``out`` without --resume/--overwrite, and a --resume with
+    nothing to resume; runs before the models are built."""
+    from .cli import check_output_dir
+    check_output_dir(out, what="out")
+    last = out / LAST
+    if resume is True and not last.is_file():
+        raise DisconError(f"--resume: {out} holds no {LAST} to continue; drop --resume to start "
+                          "a fresh run")
+    if resume not in (True, "auto") and resume and not Path(resume).is_file():
+        raise DisconError(f"--resume: checkpoint {resume} does not exist")
+    held = [p.name for p in (last, out / "log.jsonl") if p.is_file()]
+    if not resume and not overwrite and held:
+        raise DisconError(f"out {out} already holds a training run ({', '.join(held)}); "
+                          "continue it with --resume, or start afresh with --overwrite")
+
+
+def train(cfg: TrainConfig, resume: str | os.PathLike | bool | None = None,
+          overwrite: bool = False) -> Path:
+    """Run one training config; returns the path of its final checkpoint. ``resume``: see
+    :meth:`Trainer.fit`; ``overwrite`` lets a fresh run replace the one in ``cfg.out``."""
+    from .cli import resolve_device
+    resolve_device(cfg.device, what="device")  # before check_run_dir creates the folder
+    check_run_dir(Path(cfg.out), resume, overwrite)
     trainer = Trainer(cfg)
     try:
-        trainer.fit(resume=resume)
+        trainer.fit(resume=resume, overwrite=overwrite)
     finally:
         teardown_distributed()
     return trainer.checkpoint_path()

@@ -327,6 +327,8 @@ def check_images(images: torch.Tensor, *, channels: int, downsample: int, what: 
         raise DisconError(f"{what}: image height and width must be multiples of the "
                           f"downsampling factor {downsample}, got {h}x{w}")
     if images.device.type != "meta" and images.numel():
+        if not bool(torch.isfinite(images).all()):  # NaN fails no comparison below
+            raise DisconError(f"{what}: images hold NaN or inf values; expected values in [0, 1]")
         lo, hi = images.min().item(), images.max().item()
         if lo < -atol or hi > 1 + atol:
             raise DisconError(f"{what}: images must have values in [0, 1], got range "

@@ -135,7 +135,7 @@ def test_build_dataset_validates(tmp_path):
     assert len(build_dataset({"type": "fashion-mnist", "root": str(root)})) == 8
     with pytest.raises(DisconError, match="unknown data.type 'fashion_mnist'.*fashion-mnist"):
         build_dataset({"type": "fashion_mnist"})
-    with pytest.raises(DisconError, match="unknown data option.*lmit"):
+    with pytest.raises(DisconError, match="data .*unknown option.*lmit"):
         build_dataset({"type": "fashion-mnist", "root": str(root), "lmit": 3})
 
 

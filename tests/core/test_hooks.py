@@ -103,3 +103,60 @@ def test_cli_lists_discoverable_plugin(tmp_path):
     out = subprocess.run([sys.executable, "-m", "discon_core.cli", "plugins", "--kind", "head"],
                          capture_output=True, text=True, env=env, check=True).stdout
     assert any(line.split()[:2] == ["gaussian", "example"] for line in out.splitlines())
+
+
+def test_plugins_extend_recipes_datasets_presets_and_commands(tmp_path, capsys):
+    """One plugin object contributes a recipe, a dataset, a preset and a sub-command; the
+    core finds each through its hook, and they are gone again after reset()."""
+    from discon_core import cli, registry
+    from discon_core.data import build_dataset
+
+    class TinySet:
+        def __init__(self, n: int = 3):
+            self.n = n
+
+        def __len__(self):
+            return self.n
+
+        def get(self, index, flip=False):
+            return torch.zeros(3, 8, 8), index
+
+    def handler(args):
+        print(f"hello {args.who}")
+        return 0
+
+    def recipe(cfg, device):
+        raise NotImplementedError
+
+    plugin = types.SimpleNamespace()
+    plugin.discon_register_recipes = hookimpl(lambda register: register("toy", recipe))
+    plugin.discon_register_datasets = hookimpl(lambda register: register("tiny-set", TinySet))
+    plugin.discon_register_presets = hookimpl(lambda register: register(
+        {"head": {"flow-wide": {"extends": "flow", "params": {"diffloss_w": 2048}}}}))
+
+    def commands(subparsers):
+        p = subparsers.add_parser("hello", help="say hello")
+        p.add_argument("who")
+        p.set_defaults(func=handler)
+
+    plugin.discon_register_commands = hookimpl(commands)
+    hooks.reset()
+    registry.set_user_registry(None)
+    try:
+        hooks.register_plugin(plugin, name="toy-plugin")
+        assert hooks.recipes()["toy"].plugin == "toy-plugin"
+        assert set(hooks.recipes()) >= {"discon", "prior", "tokenizer", "toy"}
+        assert len(build_dataset({"type": "tiny-set", "n": 5})) == 5
+        preset = registry.resolve("head", "flow-wide")
+        assert preset.params["diffloss_w"] == 2048 and preset.source == "toy-plugin"
+        assert cli.main(["hello", "world"]) == 0
+        assert capsys.readouterr().out.strip() == "hello world"
+        with pytest.raises(DisconError, match="already provides"):
+            hooks.register_plugin(types.SimpleNamespace(discon_register_recipes=hookimpl(
+                lambda register: register("discon", recipe))), name="clash")
+            hooks.recipes()
+    finally:
+        hooks.reset()
+        registry.set_user_registry(None)
+    with pytest.raises(DisconError, match="unknown data.type"):
+        build_dataset({"type": "tiny-set"})

@@ -174,8 +174,9 @@ def test_two_process_ddp_matches_one_process(tmp_path, fsdp):
 
 
 def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
+    # the model fails inside its forward of step index 6, i.e. the 7th step (steps count from 1)
     cfg = toy_config(tmp_path / "nan", recipe_options={"noise": True, "nan_at_step": 6})
-    with pytest.raises(DisconError, match=r"loss is nan at step 6.*checkpoint-last.pth is kept"):
+    with pytest.raises(DisconError, match=r"loss is nan at step 7.*checkpoint-last.pth is kept"):
         train(cfg)
     state = load_file(tmp_path / "nan" / "checkpoint-last.pth")
     assert state["step"] == 4
