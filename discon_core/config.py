@@ -31,11 +31,11 @@ def one_line(e: BaseException) -> str:
 
 def check_keys(mapping: Mapping, allowed: Iterable[str], where: str, what: str = "key") -> None:
     """Refuse keys of ``mapping`` outside ``allowed``, naming ``where`` and the closest match."""
-    allowed = sorted(map(str, allowed))
-    unknown = sorted(map(str, set(mapping) - set(allowed)))
+    allowed = list(dict.fromkeys(map(str, allowed)))  # in the caller's (signature) order
+    unknown = sorted(set(map(str, mapping)) - set(allowed))
     if unknown:
-        raise DisconError(f"{where}: unknown {what}(s) {', '.join(unknown)}"
-                          f"{close_matches(unknown[0], allowed)}; {what}s are {', '.join(allowed)}")
+        raise DisconError(f"{where}: unknown {what} {', '.join(map(repr, unknown))}"
+                          f"{close_matches(unknown[0], allowed)}; accepted: {', '.join(allowed)}")
 
 
 # -- files ---------------------------------------------------------------------------------------
@@ -194,7 +194,7 @@ class TrainConfig:
     """A training run; loaded from plain YAML (see configs/). Unknown keys are an error."""
 
     recipe: str                                   # discon | prior | tokenizer | pkg.module:function
-    components: dict[str, Any]                    # kind -> preset name or {preset, checkpoint, overrides}
+    components: dict[str, Any]  # kind -> preset name or {preset, checkpoint, overrides}
     data: dict[str, Any]                          # {cache: folder} or a data.build_dataset mapping
     out: str = "runs/train"
     steps: int | None = None

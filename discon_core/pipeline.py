@@ -302,11 +302,6 @@ class Pipeline:
                  if n else None for k, n in names.items()}
         return cls(**built)
 
-    @property
-    def device(self) -> torch.device:
-        first = next(m for m in (self.backbone, self.prior, self.ctok, self.dtok) if m is not None)
-        return next(first.parameters()).device
-
     @torch.no_grad()
     def generate(self, labels: torch.Tensor, *, ar_steps: int = 16, prior_cfg: float | None = None,
                  temperature: float | None = None, generator: torch.Generator | None = None,

@@ -193,6 +193,8 @@ def resolve(kind: str, name: str) -> Preset:
     if kind not in KINDS:
         raise DisconError(f"unknown kind {kind!r}; kinds are {', '.join(KINDS)}"
                           f"{close_matches(kind, KINDS)}")
+    if not isinstance(name, str):
+        raise DisconError(f"{kind} preset name must be a string, got {name!r}")
     entries = _entries()[kind]
     if name not in entries:
         if (kind, name) in hooks.factories():
@@ -290,8 +292,24 @@ def check_params(fn, params: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
+DTYPES = {"fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
+          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
+          "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
+
+
+def parse_dtype(value: Any, what: str = "dtype") -> torch.dtype | None:
+    """A floating torch.dtype from a dtype, a name (``"bf16"``, ``"bfloat16"``, ``"fp16"``,
+    ``"float16"``, ``"half"``, ``"fp32"``, ``"float32"``, ``"float"``) or None (keep as built)."""
+    if value is None or (isinstance(value, torch.dtype) and value.is_floating_point):
+        return value
+    if isinstance(value, str) and value.strip().lower() in DTYPES:
+        return DTYPES[value.strip().lower()]
+    raise DisconError(f"{what} must be a floating torch.dtype or one of {', '.join(DTYPES)}, "
+                      f"got {value!r}")
+
+
 def build(kind: str, name: str, *, checkpoint: str | os.PathLike | None = None,
-          device: str | torch.device | None = None, dtype: torch.dtype | None = None,
+          device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
           **overrides: Any) -> torch.nn.Module:
     """Build the component ``kind``/``name`` from its preset.
 
@@ -303,7 +321,8 @@ def build(kind: str, name: str, *, checkpoint: str | os.PathLike | None = None,
             for the preset's own checkpoint (looked up in ``$DISCON_HOME``, downloaded and
             sha256-checked when the preset names a URL).
         device: where to build; ``"meta"`` builds shapes only (no memory, no init).
-        dtype: cast parameters after loading (e.g. ``torch.bfloat16``).
+        dtype: cast parameters after loading: a floating torch.dtype or a name such as
+            ``"bf16"`` / ``"bfloat16"`` / ``"fp16"`` / ``"fp32"`` (see :func:`parse_dtype`).
         **overrides: hyperparameters, by the official names; unknown names are an error.
 
     Returns the module, in eval() mode when weights were loaded; ``module.discon_preset`` is the
@@ -325,18 +344,13 @@ def build(kind: str, name: str, *, checkpoint: str | os.PathLike | None = None,
     if device is not None and str(device) != "meta":
         from .cli import resolve_device
         device = resolve_device(device, what=f"build({kind!r}, {name!r}): device")
-    if dtype is not None and not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
-        raise DisconError(f"build({kind!r}, {name!r}): dtype must be a floating torch.dtype "
-                          f"(torch.float32, torch.bfloat16, torch.float16) or None, got {dtype!r}")
+    dtype = parse_dtype(dtype, f"build({kind!r}, {name!r}): dtype")
     accepted = accepted_params(fac.fn)
     params = check_params(fac.fn, {**preset.params, **overrides}, f"{kind} {name!r}")
     if accepted is not None:
-        for source, names in (("override", overrides), (f"preset {kind}/{name} param", preset.params)):
-            unknown = sorted(set(names) - set(accepted))
-            if unknown:
-                raise DisconError(
-                    f"unknown {source} {', '.join(map(repr, unknown))} for {kind} {name!r} "
-                    f"(factory {fac.name!r} from {fac.plugin}); accepted: {', '.join(accepted)}")
+        where = f"{kind} {name!r} (factory {fac.name!r} from {fac.plugin})"
+        check_keys(overrides, accepted, where, "override")
+        check_keys(preset.params, accepted, where, f"preset {kind}/{name} param")
     with torch.device(device if device is not None else "cpu"):
         module = fac.fn(**params)
     protocol = PROTOCOLS[kind]

@@ -46,6 +46,37 @@ def _section(raw: Mapping, key: str) -> dict:
     return dict(value)
 
 
+# typed values of the sections, checked before the first stage trains for minutes
+SECTION_TYPES = {
+    "cache": {"shard_size": int, "batch_size": int},
+    "ctok": {"preset": str, "normalize": str, "stats_items": int},
+    "dtok": {"preset": str}, "prior": {"preset": str},
+    "sample": {"rows": int, "seed": int, "ar_steps": int, "prior_cfg": float,
+               "temperature": float, "cfg_scale": float, "head_temperature": float},
+}
+
+
+def _check_sections(config: str, **sections: dict) -> None:
+    for name, sec in sections.items():
+        for key, t in SECTION_TYPES.get(name, {}).items():
+            if sec.get(key) is not None:
+                sec[key] = coerce(sec[key], t, f"{name}.{key}", f"study config {config}")
+                if t is int and key != "seed" and sec[key] < 1:
+                    raise DisconError(f"study config {config}: {name}.{key} must be >= 1, got "
+                                      f"{sec[key]}")
+    for stage in ("dtok", "ctok", "discon", "prior"):  # each stage's train section, typed
+        TrainConfig.from_dict({"recipe": stage, "components": {stage: stage}, "data": {},
+                               **_section(sections[stage], "train")}, f"study stage {stage}")
+    from .registry import resolve
+    for kind in ("dtok", "ctok", "prior"):  # unknown presets: now, not after a stage trained
+        if "preset" not in sections[kind]:
+            raise DisconError(f"study config {config}: {kind}.preset is missing")
+        resolve(kind, sections[kind]["preset"])
+    if sections["ctok"].get("normalize", "stats") not in ("stats", "none"):
+        raise DisconError(f"study config {config}: ctok.normalize must be 'stats' or 'none', "
+                          f"got {sections['ctok']['normalize']!r}")
+
+
 def _say(msg: str) -> None:
     print(f"[study] {msg}", flush=True)
 
@@ -122,13 +153,16 @@ def run_study(config: str | Path, overrides: list[str] = ()) -> Path:
         torch.set_num_threads(int(raw["threads"]))
     from .cli import check_output_dir, resolve_device
     device = resolve_device(raw.get("device"), what="device")
-    out = check_output_dir(raw.get("out", "runs/study"), what="out")
+    out = Path(raw.get("out", "runs/study"))
     seed = raw.get("seed", 0)
     base = {"seed": seed, "device": str(device)}
     data = _section(raw, "data")
     dtok, ctok = _section(raw, "dtok"), _section(raw, "ctok")
     cache, discon, prior = _section(raw, "cache"), _section(raw, "discon"), _section(raw, "prior")
-    sample = dict(raw.get("sample") or {})
+    sample = _section(raw, "sample") if raw.get("sample") is not None else {}
+    _check_sections(str(config), cache=cache, ctok=ctok, dtok=dtok, prior=prior, discon=discon,
+                    sample=sample)
+    check_output_dir(out, what="out")
     t_start = time.perf_counter()
 
     # 1-2: tokenizers

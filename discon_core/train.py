@@ -507,7 +507,9 @@ def check_run_dir(out: Path, resume, overwrite: bool = False) -> None:
         raise DisconError(f"--resume: {out} holds no {LAST} to continue; drop --resume to start "
                           "a fresh run")
     if resume not in (True, "auto") and resume and not Path(resume).is_file():
-        raise DisconError(f"--resume: checkpoint {resume} does not exist")
+        state = "is a directory, expected a checkpoint file" if Path(resume).is_dir() else \
+            "does not exist"
+        raise DisconError(f"--resume: checkpoint {resume} {state}")
     held = [p.name for p in (last, out / "log.jsonl") if p.is_file()]
     if not resume and not overwrite and held:
         raise DisconError(f"out {out} already holds a training run ({', '.join(held)}); "
@@ -518,23 +520,14 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | bool | None = None,
           overwrite: bool = False) -> Path:
     """Run one training config; returns the path of its final checkpoint. ``resume``: see
     :meth:`Trainer.fit`; ``overwrite`` lets a fresh run replace the one in ``cfg.out``."""
-    from .cli import resolve_device
+    from .cli import output_dir, resolve_device
     resolve_device(cfg.device, what="device")  # before check_run_dir creates the folder
-    check_run_dir(Path(cfg.out), resume, overwrite)
-    trainer = Trainer(cfg)
-    try:
-        trainer.fit(resume=resume, overwrite=overwrite)
-    finally:
-        teardown_distributed()
+    with output_dir(cfg.out, what="out"):
+        check_run_dir(Path(cfg.out), resume, overwrite)
+        trainer = Trainer(cfg)
+        try:
+            trainer.fit(resume=resume, overwrite=overwrite)
+        finally:
+            teardown_distributed()
     return trainer.checkpoint_path()
 
-
-def main(argv: list[str] | None = None) -> int:
-    """``python -m discon_core.train CONFIG [--resume] [--set k=v ...]`` (what torchrun launches)."""
-    from .cli import main as cli_main
-    import sys
-    return cli_main(["train", *(argv if argv is not None else sys.argv[1:])])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

@@ -220,7 +220,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    ckpt = train(TrainConfig.load(args.config, args.set), resume=True)
+    ckpt = train(TrainConfig.load(args.config, args.set), resume="auto")
     state = {k: v.float().contiguous() for k, v in unwrap(load_file(ckpt), ckpt).items()}
     with atomic_path(args.out) as tmp:
         save_file(state, str(tmp))

@@ -202,13 +202,24 @@ def maskgit_vq(channel_mult: Sequence[int] = (1, 1, 2, 2, 4), hidden_channels: i
                num_res_blocks: int = 2, z_channels: int = 256, num_channels: int = 3,
                dropout: float = 0.0, codebook_size: int = 1024, commitment_cost: float = 0.25,
                num_groups: int = 32, dead_code_restart_every: int = 20,
-               rec_loss: str = "mse") -> MaskGitVQ:
+               rec_loss: str = "mse", num_resolutions: int | None = None,
+               resolution: int | None = None) -> MaskGitVQ:
     """MaskGIT VQGAN with the official hyperparameter names (``PretrainedTokenizer`` config).
 
     ``num_groups`` (GroupNorm groups; 32 officially), ``dead_code_restart_every`` (training
     calls between dead-code restarts; 0 disables) and ``rec_loss`` ("mse" or "l1") are discon
-    additions. The codebook vector width is ``z_channels``.
+    additions. The codebook vector width is ``z_channels``. The official config also carries
+    ``num_resolutions`` (must equal ``len(channel_mult)``) and ``resolution`` (the nominal image
+    size, a multiple of the down-sampling factor); both are accepted so that config builds
+    verbatim, and checked, since the architecture follows from ``channel_mult``.
     """
+    if num_resolutions is not None and num_resolutions != len(channel_mult):
+        raise DisconError(f"maskgit-vq: num_resolutions {num_resolutions} does not match "
+                          f"channel_mult {list(channel_mult)} ({len(channel_mult)} levels)")
+    factor = 2 ** (len(channel_mult) - 1)
+    if resolution is not None and (resolution <= 0 or resolution % factor):
+        raise DisconError(f"maskgit-vq: resolution {resolution} must be a positive multiple of "
+                          f"the down-sampling factor {factor} (from channel_mult)")
     return MaskGitVQ(channel_mult=tuple(channel_mult), hidden_channels=hidden_channels,
                      num_res_blocks=num_res_blocks, z_channels=z_channels,
                      num_channels=num_channels, dropout=dropout, codebook_size=codebook_size,

@@ -85,13 +85,13 @@ def tree(folder: Path) -> dict[str, bytes]:
     ("optimizer.betas=[0.9]", ["optimizer.betas must be a list of 2 numbers"]),
     ("optimizer.betas=[0.9,x]", ["optimizer.betas[1] must be a number"]),
     ("optimizer.lr=[1,2]", ["optimizer.lr must be a number"]),
-    ("optimizer.lrr=1", ["optimizer: unknown key(s) lrr", "did you mean: lr"]),
+    ("optimizer.lrr=1", ["optimizer: unknown key 'lrr'", "did you mean: lr"]),
     ("optimizer.lr.x=1", ["optimizer.lr is not a mapping"]),
     ("compile=1", ["compile must be true or false"]),
     ("seed=true", ["seed must be an integer"]),
     ("precision=5", ["precision must be a string"]),
     ("components=[a]", ["components must be a mapping"]),
-    ("stepz=3", ["unknown key(s) stepz", "did you mean: steps"]),
+    ("stepz=3", ["unknown key 'stepz'", "did you mean: steps"]),
 ])
 def test_config_values_are_typed(capsys, tmp_path, item, needles):
     out = tmp_path / "out"
@@ -110,7 +110,17 @@ def test_numbers_in_any_yaml_spelling(tmp_path):
 @pytest.mark.parametrize("item, needles", [
     ("seed=abc", ["study config", "seed must be an integer"]),
     ("threads=x", ["threads must be an integer"]),
-    ("sampel={}", ["unknown key(s) sampel", "did you mean: sample"]),
+    ("sampel={}", ["unknown key 'sampel'", "did you mean: sample"]),
+    ("dtok.preset=5", ["dtok.preset must be a string"]),
+    ("ctok.preset=nope", ["unknown ctok 'nope'"]),
+    ("cache.shard_size=abc", ["cache.shard_size must be an integer"]),
+    ("cache.batch_size=0", ["cache.batch_size must be >= 1"]),
+    ("sample=5", ["section 'sample' must be a mapping"]),
+    ("sample.rows=x", ["sample.rows must be an integer"]),
+    ("sample.cfg_scale=abc", ["sample.cfg_scale must be a number"]),
+    ("ctok.normalize=foo", ["ctok.normalize must be 'stats' or 'none'"]),
+    ("prior.train.steps=abc", ["study stage prior", "steps must be an integer"]),
+    ("discon.train.optimizer.lr=x", ["study stage discon", "optimizer.lr must be a number"]),
 ])
 def test_study_config_values_are_typed(capsys, tmp_path, item, needles):
     out = tmp_path / "study"
@@ -263,7 +273,12 @@ def test_train_never_clobbers_a_run(capsys, tmp_path):
           "checkpoint-last.pth")
     fails(capsys, ["train", config, "--out", empty, "--resume", tmp_path / "nope.pth"],
           "nope.pth", "does not exist")
-    assert list(empty.iterdir()) == []
+    fails(capsys, ["train", config, "--out", empty, "--resume", tmp_path],
+          "is a directory, expected a checkpoint file")
+    (tmp_path / "bad.pth").write_bytes(random.Random(3).randbytes(999))
+    fails(capsys, ["train", config, "--out", empty, "--resume", tmp_path / "bad.pth"],
+          "bad.pth", "not a checkpoint torch can read")
+    assert not empty.exists()  # a refused run leaves no folder behind
 
 
 def test_stale_temp_files_of_a_killed_save_are_removed(capsys, tmp_path):
@@ -451,6 +466,23 @@ def test_pipeline_checks_each_component_kind(swap, needle):
 
 
 # -- leftovers -----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("item, needle", [
+    ("recipe=tests.core.toy_recipe:nope", "cannot be imported"),
+    ("recipe=no.such.module:fn", "cannot be imported"),
+    ("recipe=dicson", "unknown recipe 'dicson'"),
+])
+def test_failed_train_leaves_no_folder(capsys, tmp_path, item, needle):
+    out = tmp_path / "deep" / "run"
+    fails(capsys, ["train", toy_yaml(tmp_path, out), "--set", item], needle)
+    assert not out.exists()
+
+
+def test_failed_cache_leaves_no_folder(capsys, tmp_path):
+    out = tmp_path / "cache"
+    fails(capsys, [*CACHE, "--dtok", "nope", "--out", out], "unknown dtok 'nope'")
+    assert not out.exists()
+
 
 def test_cache_accepts_checkpoint_none(capsys, tmp_path):
     out = tmp_path / "cache"

@@ -97,8 +97,8 @@ def test_bad_input_errors():
         tok.decode(torch.zeros(1, 6, dtype=torch.long))
     with pytest.raises(DisconError, match="num_groups=12 does not divide the width 32"):
         build("dtok", "maskgit-vq-tiny", num_groups=12)
-    with pytest.raises(DisconError, match="unknown override 'resolution'"):
-        build("dtok", "maskgit-vq-tiny", resolution=32)
+    with pytest.raises(DisconError, match="unknown override 'resolutions'"):
+        build("dtok", "maskgit-vq-tiny", resolutions=32)
 
 
 def test_tiny_preset_round_trip_shapes():
@@ -152,3 +152,17 @@ def test_training_loss_falls_on_fashion_mnist():
     first, last = sum(losses[:5]) / 5, sum(losses[-5:]) / 5
     assert last < 0.5 * first, (first, last)
     assert logs["codes_used"] > 16  # the restart keeps the codebook in use
+
+
+def test_official_encoder_decoder_config_builds_verbatim():
+    """MaskGIT's own config (with num_resolutions and resolution) builds the full-size model;
+    inconsistent values are refused naming the key."""
+    official = {"channel_mult": [1, 1, 2, 2, 4], "num_resolutions": 5, "dropout": 0.0,
+                "hidden_channels": 128, "num_channels": 3, "num_res_blocks": 2,
+                "resolution": 256, "z_channels": 256}
+    vq = build("dtok", "maskgit-vq", device="meta", **official)
+    assert vq.downsample == 16 and vq.codebook_size == 1024
+    with pytest.raises(DisconError, match="num_resolutions 4"):
+        build("dtok", "maskgit-vq", device="meta", **{**official, "num_resolutions": 4})
+    with pytest.raises(DisconError, match="resolution 100"):
+        build("dtok", "maskgit-vq", device="meta", **{**official, "resolution": 100})
