@@ -9,12 +9,15 @@ on the same weights. Run::
 
     python benchmarks/sampling_speed.py --size mar-b --batch 1 --ar-steps 16,64 \
         --official ../mar-checkout
+    python benchmarks/sampling_speed.py --size mar-b --batch 1 --ar-steps 16 --dtype bf16 \
+        --official ../mar-checkout          # ours in bf16 vs the official fp32 code
 
 Prints one row per configuration and the ratios measured in this run.
 """
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -22,6 +25,7 @@ from pathlib import Path
 import torch
 
 from discon_core import build, sample_tokens
+from discon_core.registry import parse_dtype
 
 
 class Timer:
@@ -67,6 +71,7 @@ def main() -> None:
     ap.add_argument("--official-max-steps", type=int, default=256,
                     help="skip the official run above this many AR steps (it is the slow one)")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--dtype", default="fp32", help="ours: fp32 | bf16 | fp16 (official: fp32)")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -77,12 +82,15 @@ def main() -> None:
     flow = build("head", "flow", **{k: v for k, v in bb.discon_preset.params.items()
                                     if k != "num_sampling_steps"}).eval()
     randomize(bb, 0), randomize(diff, 1), randomize(flow, 2)
+    fp32_state = {**bb.state_dict(), **{f"diffloss.{k}": v for k, v in diff.state_dict().items()}}
+    dtype = parse_dtype(args.dtype, "--dtype")
+    for module in (bb, diff, flow):  # ours in the requested dtype, official on the fp32 copy
+        module.to(dtype)
     ours = {"diffusion": Timer(diff.sample), "flow": Timer(flow.sample)}
     diff.sample, flow.sample = ours["diffusion"], ours["flow"]
     official = None
     if args.official is not None:
-        state = dict(bb.state_dict())
-        state.update({f"diffloss.{k}": v for k, v in diff.state_dict().items()})
+        state = {k: v.clone() for k, v in fp32_state.items()}
         kw = {k: bb.discon_preset.params[k] for k in ("img_size", "vae_stride", "patch_size",
               "vae_embed_dim", "buffer_size", "class_num", "diffloss_d", "diffloss_w",
               "num_sampling_steps")}
@@ -90,7 +98,8 @@ def main() -> None:
         off_timer = Timer(official.diffloss.sample)
         official.diffloss.sample = off_timer
     labels = torch.arange(args.batch) % 1000
-    print(f"{args.size}, batch {args.batch}, {torch.get_num_threads()} threads; "
+    print(f"{args.size}, batch {args.batch}, {torch.get_num_threads()} threads, ours in "
+          f"{args.dtype} (official fp32), load {os.getloadavg()[0]:.2f}; "
           f"diffusion head {diff.num_sampling_steps} steps, flow head {args.flow_steps} Euler steps")
     print(f"{'model':<22}{'AR steps':>9}{'total s':>10}{'head s':>9}{'head %':>8}")
     results = {}

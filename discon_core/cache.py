@@ -115,12 +115,12 @@ def build_cache(data: Mapping[str, Any], out: str | os.PathLike, *, dtok: str,
 
     from .data import build_dataset
     from .registry import build
-    from .train import setup_distributed, teardown_distributed
+    from .distributed import setup_distributed, teardown_distributed
 
     if shard_size <= 0 or batch_size <= 0:
         raise DisconError(f"shard_size and batch_size must be positive, got {shard_size}, "
                           f"{batch_size}")
-    from .cli import check_output_dir
+    from .runtime import check_output_dir
     out = check_output_dir(out, what="cache folder")
     rank, world, dev = setup_distributed(device)
     dataset = build_dataset(data)

@@ -84,8 +84,9 @@ def load_file(path: str | os.PathLike) -> Any:
                           "unsupported pickle content")
             raise DisconError(
                 f"refused to unpickle {path}: it is not a plain tensor checkpoint (tensors, "
-                f"containers, argparse.Namespace): {detail}. Nothing in it was executed. If you trust the "
-                "file, re-save just its tensors: torch.save(obj['state_dict'], 'clean.pth')"
+                f"containers, argparse.Namespace): {detail}. Nothing in it was executed. If you "
+                "trust the file, re-save just its tensors: torch.save(obj['state_dict'], "
+                "'clean.pth')"
             ) from None
         if "zip archive" in msg or "central directory" in msg or isinstance(e, EOFError):
             raise DisconError(f"checkpoint {path} is truncated or corrupt ({msg.splitlines()[0]});"

@@ -6,7 +6,6 @@ Each sub-command is a pair: ``_add_<name>(subparsers)`` declares it, ``_cmd_<nam
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
@@ -17,32 +16,9 @@ import yaml
 from .errors import DisconError
 from .hooks import hookimpl
 from .interfaces import KINDS
+from .runtime import DEVICES, check_output_dir, output_dir, resolve_device  # noqa: F401
 
-DEVICES = "auto, cpu, cuda or cuda:N"
 MAX_RUN_IMAGES = 50_000  # an FID-50k set; run keeps every image in memory
-
-
-def resolve_device(value, *, what: str = "--device"):
-    """auto|cpu|cuda|cuda:N (or a torch.device) -> torch.device; a clear error when the device
-    does not exist here, before any work starts."""
-    import torch
-
-    if value is None or str(value) == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(value)
-    except (RuntimeError, TypeError, ValueError):
-        raise DisconError(f"{what} {value!r}: expected {DEVICES}") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise DisconError(f"{what} {value!r}: expected {DEVICES}")
-    if dev.type == "cuda":
-        if not torch.cuda.is_available():
-            raise DisconError(f"{what} {value}: CUDA is not available on this machine; use "
-                              f"{what} cpu")
-        if dev.index is not None and dev.index >= torch.cuda.device_count():
-            raise DisconError(f"{what} {value}: this machine has {torch.cuda.device_count()} "
-                              f"CUDA device(s) (cuda:0..cuda:{torch.cuda.device_count() - 1})")
-    return dev
 
 
 def add_device_option(p, default: str | None = "auto") -> None:
@@ -54,39 +30,6 @@ def add_dtype_option(p) -> None:
     p.add_argument("--dtype", default="fp32", choices=["fp32", "bf16", "fp16"],
                    help="weights and compute dtype (default fp32; bf16 is ~4x faster on CPUs "
                         "with AVX-512 BF16 and on GPUs)")
-
-
-def check_output_dir(path, *, what: str = "--out"):
-    """``path`` as a writable folder (created if needed), checked before any work starts."""
-    import tempfile
-    from pathlib import Path
-
-    path = Path(path)
-    if path.exists() and not path.is_dir():
-        raise DisconError(f"{what} {path} is an existing file, expected a folder")
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        with tempfile.TemporaryFile(dir=path):
-            pass
-    except OSError as e:
-        raise DisconError(f"{what} {path} is not a writable folder: {e.strerror or e}") from None
-    return path
-
-
-@contextlib.contextmanager
-def output_dir(path, *, what: str = "--out"):
-    """:func:`check_output_dir` for the span of a command: a folder it created is removed again
-    when the command fails before writing anything into it (a failed run leaves nothing)."""
-    from pathlib import Path
-
-    created = not Path(path).exists()
-    out = check_output_dir(path, what=what)
-    try:
-        yield out
-    except BaseException:
-        if created and out.is_dir() and not any(out.iterdir()):
-            out.rmdir()
-        raise
 
 
 def _add_plugins(sub) -> None:
@@ -167,7 +110,7 @@ def _cmd_cache(args) -> int:
 
 
 def _add_config_options(p, example: str) -> None:
-    """Options shared by the config-driven sub-commands (train, study)."""
+    """Options shared by the config-driven sub-commands (train; plugins' e.g. study)."""
     p.add_argument("--out", help="output folder (overrides the config's out)")
     add_device_option(p, default=None)  # None: the config's device
     p.add_argument("--seed", type=int, help="overrides the config's seed")
@@ -208,19 +151,70 @@ def _cmd_train(args) -> int:
     return 0
 
 
-def _add_study(sub) -> None:
-    p = sub.add_parser("study", help="CPU-scale study: train tiny tokenizers -> cache -> train "
-                                     "DisCon + prior -> sample a grid (finished stages reused)")
-    p.add_argument("config", help="study config (YAML), e.g. configs/fmnist_cpu.yaml")
-    _add_config_options(p, "discon.train.steps=3000")
-    p.set_defaults(func=_cmd_study)
+KINDS_IN_PIPELINE = ("prior", "dtok", "backbone", "head", "ctok")
 
 
-def _cmd_study(args) -> int:
-    from .study import run_study
+def _add_pipeline_options(p) -> None:
+    """The pipeline options `discon run` and `discon sample` share."""
+    p.add_argument("--prior", help="discrete prior preset, e.g. rar-xxl")
+    p.add_argument("--dtok", help="discrete tokenizer preset (default maskgit-vq with a prior "
+                                  "and no backbone)")
+    p.add_argument("--backbone", help="backbone preset (default discon-l with a prior and --ctok)")
+    p.add_argument("--head", help="head preset (default: the backbone's name)")
+    p.add_argument("--ctok", help="continuous tokenizer preset, e.g. va-vae")
+    for kind in KINDS_IN_PIPELINE:
+        p.add_argument(f"--{kind}-checkpoint", default=None, metavar="PATH",
+                       help="weights: a path, 'pretrained' (released weights; the default) or "
+                            "'none' (random init)" + (" (default: the backbone's file)"
+                                                      if kind == "head" else ""))
+    p.add_argument("--ar-steps", type=int, default=None,
+                   help="continuous-stage AR steps (default: the backbone preset's)")
+    p.add_argument("--head-steps", default=None, help="head sampling steps (default: preset)")
+    p.add_argument("--prior-cfg", type=float, default=None, help="prior guidance (default: preset)")
+    p.add_argument("--prior-temperature", type=float, default=None,
+                   help="prior temperature (default: preset)")
+    p.add_argument("--cfg-scale", type=float, default=None,
+                   help="continuous-stage CFG (default: the backbone preset's; 1 = off)")
+    p.add_argument("--temperature", type=float, default=None,
+                   help="continuous-stage (head) temperature (default: the backbone preset's)")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--seed", type=int, default=0)
+    add_device_option(p)
+    add_dtype_option(p)
+    p.add_argument("--no-progress", action="store_true")
 
-    print(f"samples: {run_study(args.config, _config_overrides(args))}")
-    return 0
+
+def _pipeline_names(args) -> tuple[dict, dict]:
+    """(kind -> preset name or None, kind -> checkpoint) from the shared options."""
+    names = {k: getattr(args, k) for k in KINDS_IN_PIPELINE}
+    if args.prior and names["backbone"] is None and args.ctok:
+        names["backbone"] = "discon-l"
+    if args.prior and names["backbone"] is None and names["dtok"] is None:
+        names["dtok"] = "maskgit-vq"
+    ckpts = {}
+    for kind in KINDS_IN_PIPELINE:
+        value = getattr(args, f"{kind}_checkpoint")
+        if value is not None:
+            ckpts[kind] = None if value.lower() == "none" else value
+    return names, ckpts
+
+
+def _generate_fn(pipe, args):
+    """labels, generator -> images, with the shared sampling options."""
+    def generate(labels, generator):
+        return pipe.generate(labels, ar_steps=args.ar_steps, prior_cfg=args.prior_cfg,
+                             prior_temperature=args.prior_temperature,
+                             cfg_scale=args.cfg_scale, temperature=args.temperature,
+                             head_steps=args.head_steps, generator=generator,
+                             progress=False)
+    return generate
+
+
+def _check_batching(args, limit: int) -> None:
+    if not 1 <= args.num <= limit:
+        raise DisconError(f"--num must be in [1, {limit}], got {args.num}")
+    if args.batch_size < 1:
+        raise DisconError(f"--batch-size must be >= 1, got {args.batch_size}")
 
 
 def _add_run(sub) -> None:
@@ -229,31 +223,11 @@ def _add_run(sub) -> None:
         description="Sample class-conditional images. With --prior and a discon-* backbone: "
                     "DisCon; with --prior and --dtok only: the discrete pipeline (RAR + MaskGIT); "
                     "with a backbone and --ctok but no prior: MAR.")
-    p.add_argument("--prior", help="discrete prior preset, e.g. rar-xxl")
-    p.add_argument("--dtok", help="discrete tokenizer preset (default maskgit-vq with a prior "
-                                  "and no backbone)")
-    p.add_argument("--backbone", help="backbone preset (default discon-l with a prior and --ctok)")
-    p.add_argument("--head", help="head preset (default: the backbone's name)")
-    p.add_argument("--ctok", help="continuous tokenizer preset, e.g. va-vae")
-    for kind in ("prior", "dtok", "backbone", "head", "ctok"):
-        p.add_argument(f"--{kind}-checkpoint", default=None, metavar="PATH",
-                       help="weights: a path, 'pretrained' (released weights; the default) or "
-                            "'none' (random init)" + (" (default: the backbone's file)"
-                                                      if kind == "head" else ""))
+    _add_pipeline_options(p)
     p.add_argument("--num", type=int, default=8, help="number of images (default 8)")
     p.add_argument("--labels", default=None,
                    help="comma-separated class ids, cycled to --num (default: random classes)")
-    p.add_argument("--ar-steps", type=int, default=16, help="continuous-stage AR steps (16)")
-    p.add_argument("--head-steps", default=None, help="head sampling steps (default: preset)")
-    p.add_argument("--prior-cfg", type=float, default=None, help="prior guidance (default: preset)")
-    p.add_argument("--temperature", type=float, default=None, help="prior temperature (preset)")
-    p.add_argument("--cfg", type=float, default=None, help="continuous-stage CFG (default 1: off)")
-    p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    add_device_option(p)
-    add_dtype_option(p)
     p.add_argument("--out", default="samples", help="output folder (grid.png + one PNG per image)")
-    p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_run)
 
 
@@ -266,11 +240,7 @@ def _cmd_run(args) -> int:
     from .pipeline import Pipeline
     from .registry import parse_dtype
 
-    if not 1 <= args.num <= MAX_RUN_IMAGES:
-        raise DisconError(f"--num must be in [1, {MAX_RUN_IMAGES}] (run holds every image in "
-                          f"memory), got {args.num}")
-    if args.batch_size < 1:
-        raise DisconError(f"--batch-size must be >= 1, got {args.batch_size}")
+    _check_batching(args, MAX_RUN_IMAGES)
     ids = None
     if args.labels is not None:
         try:
@@ -282,18 +252,8 @@ def _cmd_run(args) -> int:
             raise DisconError("--labels is empty")
     device = resolve_device(args.device)
     with output_dir(args.out):  # checked before any weights load; removed if nothing is written
-        backbone, dtok = args.backbone, args.dtok
-        if args.prior and backbone is None and args.ctok:
-            backbone = "discon-l"
-        if args.prior and backbone is None and dtok is None:
-            dtok = "maskgit-vq"
-        ckpts = {}
-        for kind in ("prior", "dtok", "backbone", "head", "ctok"):
-            value = getattr(args, f"{kind}_checkpoint")
-            if value is not None:
-                ckpts[kind] = None if value.lower() == "none" else value
-        pipe = Pipeline.from_names(prior=args.prior, dtok=dtok, backbone=backbone, head=args.head,
-                                   ctok=args.ctok, checkpoints=ckpts, device=device,
+        names, ckpts = _pipeline_names(args)
+        pipe = Pipeline.from_names(**names, checkpoints=ckpts, device=device,
                                    dtype=parse_dtype(args.dtype, "--dtype"))
         num_classes = (pipe.prior.num_classes if pipe.prior is not None
                        else pipe.backbone.class_num)
@@ -303,13 +263,10 @@ def _cmd_run(args) -> int:
         else:
             labels = torch.randint(0, num_classes, (args.num,),
                                    generator=torch.Generator().manual_seed(args.seed))
-        head_steps = args.head_steps
+        generate = _generate_fn(pipe, args)
         images, start = [], time.perf_counter()
         for i in range(0, args.num, args.batch_size):
-            images.append(pipe.generate(labels[i:i + args.batch_size], ar_steps=args.ar_steps,
-                                        prior_cfg=args.prior_cfg, temperature=args.temperature,
-                                        cfg_scale=args.cfg, head_steps=head_steps,
-                                        generator=generator, progress=not args.no_progress).cpu())
+            images.append(generate(labels[i:i + args.batch_size], generator).cpu())
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
@@ -322,10 +279,127 @@ def _cmd_run(args) -> int:
     return 0
 
 
+def _add_sample(sub) -> None:
+    p = sub.add_parser(
+        "sample", help="generate N class-balanced images for evaluation (PNGs + ADM .npz + "
+                       "sample.json; resumable, torchrun-sharded)")
+    _add_pipeline_options(p)
+    p.add_argument("--num", type=int, required=True, help="number of images (e.g. 50000)")
+    p.add_argument("--out", required=True, help="output folder (rerun the command to resume)")
+    p.set_defaults(func=_cmd_sample)
+
+
+def _cmd_sample(args) -> int:
+    import torch
+
+    from .checkpoints import sha256_of
+    from .pipeline import Pipeline
+    from .registry import parse_dtype
+    from .samples import write_samples
+
+    _check_batching(args, 10_000_000)
+    device = resolve_device(args.device)
+    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    with output_dir(args.out):
+        names, ckpts = _pipeline_names(args)
+        pipe = Pipeline.from_names(**names, checkpoints=ckpts, device=device,
+                                   dtype=parse_dtype(args.dtype, "--dtype"))
+        files = {}
+        for kind, module in ((k, getattr(pipe, k)) for k in KINDS_IN_PIPELINE):
+            if module is not None:
+                path = ckpts.get(kind, ckpts.get("backbone") if kind == "head" else "pretrained")
+                files[kind] = ({"file": str(path), "sha256": sha256_of(path)}
+                               if path not in (None, "pretrained") else path)
+        config = {"mode": pipe.mode, "presets": {k: v for k, v in names.items() if v},
+                  "checkpoints": files, "ar_steps": args.ar_steps, "head_steps": args.head_steps,
+                  "prior_cfg": args.prior_cfg, "prior_temperature": args.prior_temperature,
+                  "cfg_scale": args.cfg_scale, "temperature": args.temperature, "dtype": args.dtype, "device": str(device)}
+        num_classes = (pipe.prior.num_classes if pipe.prior is not None
+                       else pipe.backbone.class_num)
+        path = write_samples(_generate_fn(pipe, args), args.out, num=args.num,
+                             num_classes=num_classes, batch_size=args.batch_size,
+                             seed=args.seed, config=config, device=device, rank=rank,
+                             world=world, progress=not args.no_progress)
+    if rank == 0:
+        print(f"wrote {args.num} images: {path} (+ PNGs in {args.out}/images, sample.json)")
+    return 0
+
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="FID, KID, IS, precision/recall, class accuracy of images against a "
+                     "reference (or rFID + PSNR of a tokenizer with --reconstruct)")
+    p.add_argument("generated", nargs="?", help="folder of images, discon sample folder, .npz "
+                                                "(arr_0) or statistics .npz (mu, sigma)")
+    p.add_argument("--ref", required=True, help="the same kinds, or fashion-mnist:test|train, "
+                                                "folder:PATH")
+    p.add_argument("--extractor", default="fmnist", help="inception | fmnist (default fmnist)")
+    p.add_argument("--metrics", default=None, help="comma-separated: fid,kid,isc,prc "
+                                                   "(default: all the inputs allow)")
+    p.add_argument("--kid-subset-size", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="score reconstructions of --ref by --dtok or --ctok (rFID) with PSNR")
+    for kind in ("dtok", "ctok"):
+        p.add_argument(f"--{kind}", help=f"{kind} preset for --reconstruct")
+        p.add_argument(f"--{kind}-checkpoint", default="pretrained", metavar="PATH")
+    p.add_argument("--ctok-latents-stats", default=None, metavar="PATH",
+                   help="latents_stats override of the ctok (e.g. a study's cache/latents_stats.pt)")
+    add_device_option(p)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args) -> int:
+    from . import metrics
+    from .registry import build
+
+    names = metrics.parse_metrics(args.metrics)
+    device = resolve_device(args.device)
+    if args.json:
+        check_output_dir(os.path.dirname(os.path.abspath(args.json)), what="--json folder")
+    extractor = metrics.get_extractor(args.extractor, device)
+    ref = metrics.load_input(args.ref)
+    psnr = None
+    if args.reconstruct:
+        if args.generated or (args.dtok is None) == (args.ctok is None):
+            raise DisconError("--reconstruct scores one tokenizer: give --dtok or --ctok (and no "
+                              "GENERATED argument)")
+        kind = "dtok" if args.dtok else "ctok"
+        extra = ({"latents_stats": args.ctok_latents_stats}
+                 if kind == "ctok" and args.ctok_latents_stats else {})
+        ckpt = getattr(args, f"{kind}_checkpoint")
+        tok = build(kind, getattr(args, kind), checkpoint=None if ckpt == "none" else ckpt,
+                    device=device, **extra)
+        gen, psnr = metrics.reconstruct(tok, ref, device=device, batch_size=args.batch_size,
+                                        progress=not args.no_progress)
+    elif args.generated is None:
+        raise DisconError("give GENERATED (images to score) or --reconstruct with --dtok/--ctok")
+    else:
+        gen = metrics.load_input(args.generated)
+    out = metrics.compute(gen, ref, extractor, names, device=device, batch_size=args.batch_size,
+                          kid_subset_size=args.kid_subset_size, progress=not args.no_progress)
+    if psnr is not None:
+        out["psnr"] = psnr
+    for key in ("fid", "kid", "isc", "precision", "recall", "class_accuracy", "psnr"):
+        if key in out:
+            print(f"{key:<16}{out[key]:.4f}")
+    print(f"{'N':<16}{out['N']} generated vs {out['N_ref']} reference ({out['extractor']})")
+    if args.json:
+        from .checkpoints import atomic_path
+        with atomic_path(args.json) as tmp:
+            tmp.write_text(json.dumps(out, indent=2, default=str))
+    return 0
+
+
 @hookimpl
 def discon_register_commands(subparsers) -> None:
     """The built-in sub-commands, in --help order (plugins add theirs through the same hook)."""
-    for add in (_add_plugins, _add_show, _add_cache, _add_train, _add_study, _add_run):
+    for add in (_add_plugins, _add_show, _add_cache, _add_train, _add_run,
+                _add_sample, _add_eval):
         add(subparsers)
 
 

@@ -45,6 +45,7 @@ BUILTIN_PLUGINS = (
     "discon_plugins.rar",
     "discon_plugins.mar",
     "discon_plugins.heads",
+    "discon_plugins.study",
 )
 
 

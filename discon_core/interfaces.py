@@ -66,6 +66,19 @@ class ContinuousTokenizer(Protocol):
         """
         ...
 
+    def encode_moments(self, images: torch.Tensor) -> torch.Tensor:
+        """float32 [B,3,H,W] in [0,1] -> raw posterior moments [B,M,h,w] (any M; what
+        ``discon cache`` stores, so training can draw a fresh posterior sample each step)."""
+        ...
+
+    def latents_from_moments(
+        self, moments: torch.Tensor, *, sample: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """moments from ``encode_moments`` -> normalized latents [B,C,h,w] (mean or sample),
+        equal to ``encode(images, sample=...)`` (the discon recipe calls it on cached moments)."""
+        ...
+
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """normalized latents [B,C,h,w] -> float32 [B,3,H,W] in [0,1]."""
         ...
@@ -106,11 +119,19 @@ class DiscretePrior(Protocol):
 
 @runtime_checkable
 class ConditionalBackbone(Protocol):
-    """MAR-style masked AR transformer: visible continuous tokens (+ discrete grid) -> z."""
+    """MAR-style masked AR transformer: visible continuous tokens (+ discrete grid) -> z.
+
+    Optional attributes the core reads with a default when absent: ``cond_drop_prob`` (0.0:
+    probability of dropping the discrete grid in training), ``cond_vocab_size`` (0: no discrete
+    conditioning; else the prior's codebook size), ``patch_size`` (1) and ``vae_stride``
+    (the ctok's ``downsample``), used by the compatibility checks.
+    """
 
     token_dim: int
     z_dim: int
     seq_len: int
+    class_num: int          # labels lie in [0, class_num) (MAR's name)
+    label_drop_prob: float  # training: probability of replacing a label by the null class
 
     def forward(
         self,
@@ -118,13 +139,27 @@ class ConditionalBackbone(Protocol):
         mask: torch.Tensor,
         labels: torch.Tensor,
         cond: torch.Tensor | None = None,
+        *,
+        label_drop: torch.Tensor | None = None,
+        cond_drop: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """x float [B,N,D], mask bool [B,N] (True = masked), labels int64 [B],
         cond int64 [B,N] or None -> z float [B,N,Dz].
 
         Values of x at masked positions are ignored. With ``cond=None`` (or a backbone built
         without discrete conditioning) this is exactly MAR's encoder + decoder.
+        ``label_drop`` / ``cond_drop``: bool [B] or None; True rows use the learned null class /
+        no discrete grid. The core draws them in training and sets them on the unconditional
+        half of the batch for classifier-free guidance.
         """
+        ...
+
+    def patchify(self, latents: torch.Tensor) -> torch.Tensor:
+        """normalized latents [B,C,h,w] -> tokens [B,N,token_dim] in raster order."""
+        ...
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """tokens [B,N,token_dim] -> latents [B,C,h,w] (inverse of ``patchify``)."""
         ...
 
 
@@ -146,10 +181,31 @@ class ContinuousHead(Protocol):
         z: torch.Tensor,
         *,
         temperature: float = 1.0,
+        cfg_scale: float = 1.0,
         steps: int | None = None,
         generator: torch.Generator | None = None,
     ) -> torch.Tensor:
-        """z [M,Dz] -> tokens [M,D]; ``steps`` overrides the preset's number of sampling steps."""
+        """z [M,Dz] -> tokens [M,D]; ``steps`` overrides the preset's number of sampling steps.
+
+        Classifier-free guidance is the head's job (only it knows where guidance applies: on the
+        noise prediction of a diffusion head, the velocity of a flow, the mean of a Gaussian).
+        With ``cfg_scale != 1`` the rows of ``z`` are ``[cond; uncond]`` (M even, MAR's layout)
+        and both halves of the result hold the same guided tokens; ``cfg_scale == 1`` is plain
+        conditional sampling. A head without guidance should raise on ``cfg_scale != 1``.
+        """
+        ...
+
+
+@runtime_checkable
+class Trainable(Protocol):
+    """What the ``prior`` and ``tokenizer`` training recipes call (not needed for sampling).
+
+    A prior: ``training_loss(tokens int64 [B,N], labels int64 [B], *, step, generator)``; a
+    tokenizer: ``training_loss(images [B,3,H,W] in [0,1], *, generator)``. Both return
+    ``(loss scalar tensor, logs: dict[str, float])``.
+    """
+
+    def training_loss(self, *args, **kwargs) -> tuple[torch.Tensor, dict]:
         ...
 
 

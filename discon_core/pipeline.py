@@ -303,17 +303,19 @@ class Pipeline:
         return cls(**built)
 
     @torch.no_grad()
-    def generate(self, labels: torch.Tensor, *, ar_steps: int = 16, prior_cfg: float | None = None,
-                 temperature: float | None = None, generator: torch.Generator | None = None,
-                 progress: bool = True, return_tokens: bool = False,
-                 head_temperature: float | None = None, cfg_scale: float | None = None,
-                 head_steps: int | str | None = None):
+    def generate(self, labels: torch.Tensor, *, prior_cfg: float | None = None,
+                 prior_temperature: float | None = None, ar_steps: int | None = None,
+                 cfg_scale: float | None = None, temperature: float | None = None,
+                 head_steps: int | str | None = None, generator: torch.Generator | None = None,
+                 progress: bool = True, return_tokens: bool = False):
         """labels int64 [B] -> images float32 [B, 3, H, W] in [0, 1].
 
-        ``prior_cfg`` / ``temperature``: the prior's guidance scale and temperature (defaults:
-        the prior preset's recommended values). The continuous stage runs ``ar_steps`` steps
-        with ``head_temperature`` (default: backbone preset, 1.0) and ``cfg_scale`` (default:
-        the backbone preset's, 1.0 = no CFG for DisCon, as in the paper).
+        Names: ``prior_*`` is the discrete stage, the rest the continuous stage (the names of
+        ``sample_tokens``). ``prior_cfg`` / ``prior_temperature`` default to the prior preset's
+        ``sampling: {cfg_scale, temperature}`` (the arguments of ``prior.sample``);
+        ``ar_steps``, ``cfg_scale`` (1.0 = no CFG for DisCon, as in the paper) and
+        ``temperature`` default to the backbone preset's sampling block (16, 1.0, 1.0 without
+        one); ``head_steps`` to the head preset's.
         With ``return_tokens``: ``(images, discrete tokens [B,h,w] or None, latents [B,C,h,w]
         or None)``.
         """
@@ -325,6 +327,8 @@ class Pipeline:
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
             raise DisconError(f"labels must lie in [0, {num_classes}), got "
                               f"[{labels.min().item()}, {labels.max().item()}]")
+        if self.backbone is not None and ar_steps is None:
+            ar_steps = int(_sampling(self.backbone).get("ar_steps", 16))
         if self.backbone is not None and not 1 <= ar_steps <= self.backbone.seq_len:
             raise DisconError(f"ar_steps must be in [1, {self.backbone.seq_len}], got {ar_steps}")
         discrete = latents = None
@@ -332,7 +336,7 @@ class Pipeline:
             sampling = _sampling(self.prior)
             cfg, temp = sampling.pop("cfg_scale", 1.0), sampling.pop("temperature", 1.0)
             cfg = cfg if prior_cfg is None else prior_cfg
-            temp = temp if temperature is None else temperature
+            temp = temp if prior_temperature is None else prior_temperature
             prior_device = next(self.prior.parameters()).device
             try:
                 discrete = self.prior.sample(labels.to(prior_device), cfg_scale=cfg,
@@ -355,7 +359,7 @@ class Pipeline:
         x = sample_tokens(
             self.backbone, self.head, labels,
             cond=discrete.flatten(1) if discrete is not None else None, ar_steps=ar_steps,
-            temperature=sampling.get("temperature", 1.0) if head_temperature is None else head_temperature,
+            temperature=sampling.get("temperature", 1.0) if temperature is None else temperature,
             cfg_scale=sampling.get("cfg_scale", 1.0) if cfg_scale is None else cfg_scale,
             cfg_schedule=sampling.get("cfg_schedule", "linear"), generator=generator,
             progress=progress, head_steps=head_steps)

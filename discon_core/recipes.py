@@ -84,12 +84,15 @@ class DisconObjective(nn.Module):
     """backbone + head trained with ``objectives.masked_ar_loss`` on cached moments + ids."""
 
     def __init__(self, backbone: nn.Module, head: nn.Module, ctok: nn.Module, *,
-                 use_cond: bool = True, mask_ratio_min: float = 0.7, diffusion_batch_mul: int = 4):
+                 use_cond: bool = True):
         super().__init__()
         self.backbone, self.head = backbone, head
         self._ctok = _Frozen(ctok)
         self.use_cond = use_cond
-        self.mask_ratio_min, self.diffusion_batch_mul = mask_ratio_min, diffusion_batch_mul
+        # One source: the backbone preset (MAR's names and defaults; set them with
+        # components.backbone.overrides), read with MAR's defaults for backbones without them.
+        self.mask_ratio_min = getattr(backbone, "mask_ratio_min", 0.7)
+        self.diffusion_batch_mul = getattr(backbone, "diffusion_batch_mul", 4)
         check_compatible(backbone=backbone, head=head, ctok=ctok)  # token_dim, channels, stride
 
     def tokens(self, batch: dict, generator) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -116,6 +119,7 @@ class PriorObjective(nn.Module):
 
     def __init__(self, prior: nn.Module):
         super().__init__()
+        _require_trainable(prior, "prior")
         self.prior = prior
 
     def forward(self, batch: dict, *, step: int, generator=None):
@@ -128,10 +132,18 @@ class TokenizerObjective(nn.Module):
 
     def __init__(self, tok: nn.Module):
         super().__init__()
+        _require_trainable(tok, "tokenizer")
         self.tok = tok
 
     def forward(self, batch: dict, *, step: int, generator=None):
         return self.tok.training_loss(batch["images"], generator=generator)
+
+
+def _require_trainable(module: nn.Module, recipe: str) -> None:
+    from .interfaces import Trainable
+    if not isinstance(module, Trainable):
+        raise DisconError(f"recipe {recipe!r}: {type(module).__name__} has no training_loss() "
+                          "(the Trainable protocol in discon_core/interfaces.py)")
 
 
 def _mar_no_decay(key: str, p: torch.Tensor) -> bool:
@@ -182,8 +194,11 @@ def recipe_discon(cfg: TrainConfig, device) -> Recipe:
     head = build_component("head", cfg.components["head"], device)
     opts = dict(cfg.recipe_options)
     sample_opts = opts.pop("sampling", {}) or {}
-    allowed = {"use_cond", "mask_ratio_min", "diffusion_batch_mul"}
-    check_keys(opts, allowed, "recipe_options for discon", "option")
+    for key in ("mask_ratio_min", "diffusion_batch_mul"):
+        if key in opts:
+            raise DisconError(f"recipe_options.{key}: this is a backbone setting; set it with "
+                              f"components.backbone.overrides: {{{key}: ...}}")
+    check_keys(opts, {"use_cond"}, "recipe_options for discon", "option")
     model = DisconObjective(backbone, head, ctok, **opts)
 
     def to_file(k: str) -> str:

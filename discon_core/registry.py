@@ -308,6 +308,9 @@ def parse_dtype(value: Any, what: str = "dtype") -> torch.dtype | None:
                       f"got {value!r}")
 
 
+HEAD_PREFIX = "diffloss."  # a head's keys in a backbone+head checkpoint (MAR)
+
+
 def build(kind: str, name: str, *, checkpoint: str | os.PathLike | None = None,
           device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
           **overrides: Any) -> torch.nn.Module:
@@ -342,7 +345,7 @@ def build(kind: str, name: str, *, checkpoint: str | os.PathLike | None = None,
         raise DisconError(f"build({kind!r}, {name!r}): checkpoint must be a path, 'pretrained' "
                           f"or None, got {type(checkpoint).__name__} {checkpoint!r}")
     if device is not None and str(device) != "meta":
-        from .cli import resolve_device
+        from .runtime import resolve_device
         device = resolve_device(device, what=f"build({kind!r}, {name!r}): device")
     dtype = parse_dtype(dtype, f"build({kind!r}, {name!r}): dtype")
     accepted = accepted_params(fac.fn)
@@ -358,6 +361,12 @@ def build(kind: str, name: str, *, checkpoint: str | os.PathLike | None = None,
         raise DisconError(f"factory {fac.name!r} from plugin {fac.plugin!r} returned "
                           f"{type(module).__name__}, which does not satisfy {protocol.__name__} "
                           f"(see discon_core/interfaces.py)")
+    # `discon train` writes MAR's layout: backbone keys at the top level, the head's under
+    # HEAD_PREFIX; a plugin sets checkpoint_prefix / checkpoint_drop only to differ from it.
+    if kind == "head" and not hasattr(module, "checkpoint_prefix"):
+        module.checkpoint_prefix = HEAD_PREFIX
+    if kind == "backbone" and not hasattr(module, "checkpoint_drop"):
+        module.checkpoint_drop = (HEAD_PREFIX,)
     if checkpoint is not None:
         path = (checkpoints.fetch_preset_checkpoint(preset) if str(checkpoint) == "pretrained"
                 else Path(checkpoint))

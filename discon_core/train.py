@@ -48,45 +48,14 @@ from torch import nn
 
 from .config import OptimConfig, TrainConfig, apply_overrides, load_yaml  # noqa: F401 (re-exported)
 from .errors import DisconError
+from .distributed import _all_reduce_max, _gather, setup_distributed, teardown_distributed
 from .recipes import Recipe, component_spec, make_recipe
+from .train_state import rng_state, set_rng_state
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = "discon-train/1"
 LAST = "checkpoint-last.pth"
-
-
-# ------------------------------------------------------------------------------------------------
-# Distributed set-up
-
-def setup_distributed(device: str | None = None) -> tuple[int, int, torch.device]:
-    """(rank, world size, device); initialises the process group under torchrun (WORLD_SIZE>1):
-    NCCL on CUDA, gloo on CPU. Multi-node rendezvous is torchrun's."""
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local = int(os.environ.get("LOCAL_RANK", "0"))
-    from .cli import resolve_device
-    dev = resolve_device(device, what="device")
-    if dev.type == "cuda" and dev.index is None:
-        dev = torch.device("cuda", local)
-        torch.cuda.set_device(dev)
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group(backend="nccl" if dev.type == "cuda" else "gloo")
-    return rank, world, dev
-
-
-def teardown_distributed() -> None:
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
-
-def _all_reduce_max(value: float, world: int) -> float:
-    if world == 1:
-        return value
-    t = torch.tensor([value], dtype=torch.float64)
-    torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
-    return float(t)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -148,44 +117,6 @@ class EMA:
     def copy_from_params(self) -> None:
         for s, p in zip(self.shadow, self.params):
             s.copy_(p.detach().float())
-
-
-# ------------------------------------------------------------------------------------------------
-# RNG state (stored as tensors and plain containers so that weights_only loading works)
-
-def rng_state(generator: torch.Generator) -> dict[str, Any]:
-    np_state = np.random.get_state()
-    py_version, py_state, py_gauss = random.getstate()
-    state = {"torch": torch.get_rng_state(),
-             "numpy": {"keys": torch.from_numpy(np_state[1].astype(np.int64)),
-                       "pos": int(np_state[2]), "has_gauss": int(np_state[3]),
-                       "cached_gaussian": float(np_state[4])},
-             "python": {"version": int(py_version), "state": torch.tensor(py_state, dtype=torch.int64),
-                        "gauss": py_gauss},
-             "generator": generator.get_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any], generator: torch.Generator) -> None:
-    torch.set_rng_state(state["torch"])
-    n = state["numpy"]
-    np.random.set_state(("MT19937", n["keys"].numpy().astype(np.uint32), n["pos"], n["has_gauss"],
-                         n["cached_gaussian"]))
-    p = state["python"]
-    random.setstate((p["version"], tuple(int(v) for v in p["state"].tolist()), p["gauss"]))
-    generator.set_state(state["generator"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
-
-
-def _gather(obj: Any, world: int) -> list[Any]:
-    if world == 1:
-        return [obj]
-    out: list[Any] = [None] * world
-    torch.distributed.all_gather_object(out, obj)
-    return out
 
 
 # ------------------------------------------------------------------------------------------------
@@ -500,7 +431,7 @@ class Trainer:
 def check_run_dir(out: Path, resume, overwrite: bool = False) -> None:
     """Refuse to clobber a run in ``out`` without --resume/--overwrite, and a --resume with
     nothing to resume; runs before the models are built."""
-    from .cli import check_output_dir
+    from .runtime import check_output_dir
     check_output_dir(out, what="out")
     last = out / LAST
     if resume is True and not last.is_file():
@@ -520,7 +451,7 @@ def train(cfg: TrainConfig, resume: str | os.PathLike | bool | None = None,
           overwrite: bool = False) -> Path:
     """Run one training config; returns the path of its final checkpoint. ``resume``: see
     :meth:`Trainer.fit`; ``overwrite`` lets a fresh run replace the one in ``cfg.out``."""
-    from .cli import output_dir, resolve_device
+    from .runtime import output_dir, resolve_device
     resolve_device(cfg.device, what="device")  # before check_run_dir creates the folder
     with output_dir(cfg.out, what="out"):
         check_run_dir(Path(cfg.out), resume, overwrite)

@@ -31,6 +31,7 @@ from discon_core.hooks import hookimpl
 
 from .attention import modulate
 from .gaussian_diffusion import NUM_TRAIN_STEPS, GaussianDiffusion
+from .mar import takes_official_args
 
 FREQ_DIM = 256
 # Upper bound on rows x modulation width held at once by the precomputation (floats): 64M = 256 MB.
@@ -354,42 +355,27 @@ class FlowHead(nn.Module):
         return x
 
 
-# -- factories: every official MAR.__init__ argument by name ------------------------------------
+# -- factories: every official MAR.__init__ argument by name (mar.official_args) ----------------
 
-def diffusion(img_size: int = 256, vae_stride: int = 16, patch_size: int = 1,
-              encoder_embed_dim: int = 1024, encoder_depth: int = 16, encoder_num_heads: int = 16,
-              decoder_embed_dim: int = 1024, decoder_depth: int = 16, decoder_num_heads: int = 16,
-              mlp_ratio: float = 4.0, norm_layer=None, vae_embed_dim: int = 16,
-              mask_ratio_min: float = 0.7, label_drop_prob: float = 0.1, class_num: int = 1000,
-              attn_dropout: float = 0.1, proj_dropout: float = 0.1, buffer_size: int = 64,
-              diffloss_d: int = 3, diffloss_w: int = 1024, num_sampling_steps: str = "100",
-              diffusion_batch_mul: int = 4, grad_checkpointing: bool = False,
-              cond_vocab_size: int = 0, cond_mode: str = "add", cond_drop_prob: float = 0.0,
-              attn_backend: str = "auto") -> DiffusionHead:
+@takes_official_args()
+def diffusion(a) -> DiffusionHead:
     """MAR's diffusion head (``DiffLoss``); backbone-only arguments (the official ones and the
     backbone's ``cond_*``/``attn_backend``) are accepted and ignored, so one config builds both."""
-    return DiffusionHead(token_dim=vae_embed_dim * patch_size ** 2, z_dim=decoder_embed_dim,
-                         width=diffloss_w, depth=diffloss_d, num_sampling_steps=num_sampling_steps)
+    return DiffusionHead(token_dim=a.vae_embed_dim * a.patch_size ** 2, z_dim=a.decoder_embed_dim,
+                         width=a.diffloss_w, depth=a.diffloss_d,
+                         num_sampling_steps=a.num_sampling_steps)
 
 
-def flow(img_size: int = 256, vae_stride: int = 16, patch_size: int = 1,
-         encoder_embed_dim: int = 1024, encoder_depth: int = 16, encoder_num_heads: int = 16,
-         decoder_embed_dim: int = 1024, decoder_depth: int = 16, decoder_num_heads: int = 16,
-         mlp_ratio: float = 4.0, norm_layer=None, vae_embed_dim: int = 16,
-         mask_ratio_min: float = 0.7, label_drop_prob: float = 0.1, class_num: int = 1000,
-         attn_dropout: float = 0.1, proj_dropout: float = 0.1, buffer_size: int = 64,
-         diffloss_d: int = 3, diffloss_w: int = 1024, num_sampling_steps: str = "25",
-         diffusion_batch_mul: int = 4, grad_checkpointing: bool = False,
-         cond_vocab_size: int = 0, cond_mode: str = "add", cond_drop_prob: float = 0.0,
-         attn_backend: str = "auto", flow_solver: str = "euler") -> FlowHead:
+@takes_official_args(num_sampling_steps="25", flow_solver="euler")
+def flow(a) -> FlowHead:
     """Flow-matching head; ``num_sampling_steps`` is the number of integration steps."""
     try:
-        steps = int(num_sampling_steps)
+        steps = int(a.num_sampling_steps)
     except ValueError:
         raise DisconError(f"flow head: num_sampling_steps must be an integer, got "
-                          f"{num_sampling_steps!r}") from None
-    return FlowHead(token_dim=vae_embed_dim * patch_size ** 2, z_dim=decoder_embed_dim,
-                    width=diffloss_w, depth=diffloss_d, steps=steps, solver=flow_solver)
+                          f"{a.num_sampling_steps!r}") from None
+    return FlowHead(token_dim=a.vae_embed_dim * a.patch_size ** 2, z_dim=a.decoder_embed_dim,
+                    width=a.diffloss_w, depth=a.diffloss_d, steps=steps, solver=a.flow_solver)
 
 
 @hookimpl

@@ -25,7 +25,10 @@ sets it for the unconditional CFG half) through ``label_drop`` / ``cond_drop``.
 """
 from __future__ import annotations
 
+import functools
+import inspect
 from collections.abc import Callable
+from types import SimpleNamespace
 
 import torch
 from torch import nn
@@ -45,7 +48,7 @@ class MAR(nn.Module):
     """
 
     # An official MAR file also holds the diffusion head; the head module loads those keys.
-    checkpoint_drop = ("diffloss.",)
+    checkpoint_drop = ("diffloss.",)  # the default for backbones (registry.HEAD_PREFIX)
 
     def __init__(self, *, img_size: int, vae_stride: int, patch_size: int, encoder_embed_dim: int,
                  encoder_depth: int, encoder_num_heads: int, decoder_embed_dim: int,
@@ -269,30 +272,60 @@ def _norm_eps(norm_layer: Callable | None) -> float:
     return probe.eps
 
 
-def mar(img_size: int = 256, vae_stride: int = 16, patch_size: int = 1,
-        encoder_embed_dim: int = 1024, encoder_depth: int = 16, encoder_num_heads: int = 16,
-        decoder_embed_dim: int = 1024, decoder_depth: int = 16, decoder_num_heads: int = 16,
-        mlp_ratio: float = 4.0, norm_layer: Callable | None = None, vae_embed_dim: int = 16,
-        mask_ratio_min: float = 0.7, label_drop_prob: float = 0.1, class_num: int = 1000,
-        attn_dropout: float = 0.1, proj_dropout: float = 0.1, buffer_size: int = 64,
-        diffloss_d: int = 3, diffloss_w: int = 1024, num_sampling_steps: str = "100",
-        diffusion_batch_mul: int = 4, grad_checkpointing: bool = False,
-        cond_vocab_size: int = 0, cond_mode: str = "add", cond_drop_prob: float = 0.0,
-        attn_backend: str = "auto") -> MAR:
-    """MAR backbone; every official ``MAR.__init__`` argument by name (head-only ones such as
-    ``diffloss_w`` are accepted and ignored; ``diffusion_batch_mul`` is kept for the objective),
-    plus ``cond_vocab_size`` (0 = plain MAR), ``cond_mode``, ``cond_drop_prob``, ``attn_backend``."""
-    model = MAR(img_size=img_size, vae_stride=vae_stride, patch_size=patch_size,
-                encoder_embed_dim=encoder_embed_dim, encoder_depth=encoder_depth,
-                encoder_num_heads=encoder_num_heads, decoder_embed_dim=decoder_embed_dim,
-                decoder_depth=decoder_depth, decoder_num_heads=decoder_num_heads,
-                mlp_ratio=mlp_ratio, norm_eps=_norm_eps(norm_layer), vae_embed_dim=vae_embed_dim,
-                mask_ratio_min=mask_ratio_min, label_drop_prob=label_drop_prob,
-                class_num=class_num, attn_dropout=attn_dropout, proj_dropout=proj_dropout,
-                buffer_size=buffer_size, grad_checkpointing=grad_checkpointing,
-                cond_vocab_size=cond_vocab_size, cond_mode=cond_mode,
-                cond_drop_prob=cond_drop_prob, attn_backend=attn_backend)
-    model.diffusion_batch_mul = diffusion_batch_mul
+def official_args(img_size: int = 256, vae_stride: int = 16, patch_size: int = 1,
+                  encoder_embed_dim: int = 1024, encoder_depth: int = 16,
+                  encoder_num_heads: int = 16, decoder_embed_dim: int = 1024,
+                  decoder_depth: int = 16, decoder_num_heads: int = 16, mlp_ratio: float = 4.0,
+                  norm_layer: Callable | None = None, vae_embed_dim: int = 16,
+                  mask_ratio_min: float = 0.7, label_drop_prob: float = 0.1,
+                  class_num: int = 1000, attn_dropout: float = 0.1, proj_dropout: float = 0.1,
+                  buffer_size: int = 64, diffloss_d: int = 3, diffloss_w: int = 1024,
+                  num_sampling_steps: str = "100", diffusion_batch_mul: int = 4,
+                  grad_checkpointing: bool = False, cond_vocab_size: int = 0,
+                  cond_mode: str = "add", cond_drop_prob: float = 0.0,
+                  attn_backend: str = "auto") -> dict:
+    """Every official ``MAR.__init__`` argument with its default (written once: the backbone and
+    head factories take all of them, so one config builds both), plus ours: ``cond_vocab_size``
+    (0 = plain MAR), ``cond_mode``, ``cond_drop_prob``, ``attn_backend``."""
+    return dict(locals())
+
+
+def takes_official_args(**changes):
+    """Give a factory the keyword signature of :func:`official_args` (defaults changed or extra
+    arguments added by ``changes``); it is called with one namespace of all the values, so the
+    registry's name and type checks see every official argument."""
+    defaults = {**inspect.signature(official_args).parameters, **changes}
+    sig = inspect.Signature([inspect.Parameter(
+        name, inspect.Parameter.KEYWORD_ONLY,
+        default=d.default if isinstance(d, inspect.Parameter) else d) for name, d in defaults.items()])
+
+    def wrap(fn):
+        @functools.wraps(fn)
+        def factory(**kwargs):
+            bound = sig.bind(**kwargs)
+            bound.apply_defaults()
+            return fn(SimpleNamespace(**bound.arguments))
+        factory.__signature__ = sig
+        return factory
+    return wrap
+
+
+@takes_official_args()
+def mar(a) -> MAR:
+    """MAR backbone from the official arguments (head-only ones such as ``diffloss_w`` are
+    ignored; ``diffusion_batch_mul`` is kept for the objective)."""
+    model = MAR(img_size=a.img_size, vae_stride=a.vae_stride, patch_size=a.patch_size,
+                encoder_embed_dim=a.encoder_embed_dim, encoder_depth=a.encoder_depth,
+                encoder_num_heads=a.encoder_num_heads, decoder_embed_dim=a.decoder_embed_dim,
+                decoder_depth=a.decoder_depth, decoder_num_heads=a.decoder_num_heads,
+                mlp_ratio=a.mlp_ratio, norm_eps=_norm_eps(a.norm_layer),
+                vae_embed_dim=a.vae_embed_dim, mask_ratio_min=a.mask_ratio_min,
+                label_drop_prob=a.label_drop_prob, class_num=a.class_num,
+                attn_dropout=a.attn_dropout, proj_dropout=a.proj_dropout,
+                buffer_size=a.buffer_size, grad_checkpointing=a.grad_checkpointing,
+                cond_vocab_size=a.cond_vocab_size, cond_mode=a.cond_mode,
+                cond_drop_prob=a.cond_drop_prob, attn_backend=a.attn_backend)
+    model.diffusion_batch_mul = a.diffusion_batch_mul
     return model
 
 

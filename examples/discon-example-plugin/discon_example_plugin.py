@@ -6,6 +6,8 @@ a baseline for the diffusion and flow heads (a unimodal head cannot model multim
 
 Install it (``pip install -e examples/discon-example-plugin``) and ``discon plugins`` lists
 ``head gaussian``; ``discon_core.build("head", "gaussian", token_dim=16, z_dim=768)`` builds it.
+It also ships a preset (``head gaussian-tiny``, for the ``discon-tiny`` backbone) through the
+presets hook and a sub-command (``discon gaussian-info``) through the commands hook.
 """
 import math
 
@@ -33,8 +35,12 @@ class GaussianHead(nn.Module):
         return nll.mean(dim=-1)
 
     @torch.no_grad()
-    def sample(self, z, *, temperature=1.0, steps=None, generator=None):
+    def sample(self, z, *, temperature=1.0, cfg_scale=1.0, steps=None, generator=None):
         mean, log_std = self._params(z)
+        if cfg_scale != 1.0:  # rows are [cond; uncond]: guide the mean, keep the cond spread
+            cond, uncond = mean.chunk(2)
+            mean = torch.cat([uncond + cfg_scale * (cond - uncond)] * 2)
+            log_std = torch.cat([log_std.chunk(2)[0]] * 2)
         noise = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
         return mean + temperature * log_std.exp() * noise
 
@@ -42,3 +48,24 @@ class GaussianHead(nn.Module):
 @hookimpl
 def discon_register_components(register):
     register("head", "gaussian", GaussianHead)
+
+
+@hookimpl
+def discon_register_presets(register):
+    register({"head": {"gaussian-tiny": {
+        "factory": "gaussian", "params": {"token_dim": 8, "z_dim": 128},
+        "description": "Gaussian head sized for the discon-tiny backbone (example plugin)"}}})
+
+
+def _info(args):
+    head = GaussianHead(args.token_dim, args.z_dim)
+    print(f"gaussian head: {sum(p.numel() for p in head.parameters())} parameters")
+    return 0
+
+
+@hookimpl
+def discon_register_commands(subparsers):
+    p = subparsers.add_parser("gaussian-info", help="parameter count of the example Gaussian head")
+    p.add_argument("--token-dim", type=int, default=8)
+    p.add_argument("--z-dim", type=int, default=128)
+    p.set_defaults(func=_info)

@@ -3,7 +3,7 @@ import numpy as np
 import torch
 from PIL import Image
 
-from discon_core.images import make_grid, save_grid, save_images, save_line_plot
+from discon_core.images import make_grid, save_grid, save_images
 
 
 def test_grid_layout_and_values(tmp_path):
@@ -18,10 +18,3 @@ def test_grid_layout_and_values(tmp_path):
     assert [p.name for p in paths] == ["img_00000.png", "img_00001.png"]
     assert np.asarray(Image.open(paths[1])).min() == 255
 
-
-def test_line_plot_draws_each_series(tmp_path):
-    path = save_line_plot({"a": ([0, 1, 2], [3.0, 2.0, 1.0]), "b": ([0, 1, 2], [1.0, 1.5, 2.0])},
-                          tmp_path / "p.png", title="t", xlabel="step", ylabel="loss")
-    pixels = np.asarray(Image.open(path))
-    assert (np.all(pixels == (31, 119, 180), axis=-1)).sum() > 100  # series a's colour
-    assert (np.all(pixels == (255, 127, 14), axis=-1)).sum() > 100  # series b's colour

@@ -145,6 +145,17 @@ def test_files_that_are_not_what_they_claim(capsys, tmp_path):
           "is a file, expected a folder")
     (tmp_path / "list.yaml").write_text("- 1\n- 2\n")
     fails(capsys, ["train", tmp_path / "list.yaml"], "top level must be a mapping")
+    (tmp_path / "empty.yaml").write_text("")
+    (tmp_path / "broken.yaml").write_text("steps: [1,\n")
+    (tmp_path / "partial.yaml").write_text("steps: 4\n")
+    for command in ("train", "study"):
+        fails(capsys, [command, tmp_path / "empty.yaml"], "empty.yaml", "must be a mapping")
+        fails(capsys, [command, tmp_path / "broken.yaml"], "broken.yaml", "not valid YAML")
+    fails(capsys, ["--registry", tmp_path / "broken.yaml", "plugins"], "registry file",
+          "not valid YAML")
+    fails(capsys, ["--registry", tmp_path / "nope.yaml", "plugins"], "nope.yaml",
+          "does not exist")
+    fails(capsys, ["train", tmp_path / "partial.yaml"], "partial.yaml", "missing key")
 
 
 @pytest.mark.parametrize("content, needles", [
@@ -169,7 +180,7 @@ def test_bad_checkpoint_files(capsys, tmp_path, content, needles):
         path.write_bytes(content)
     out = tmp_path / "samples"
     fails(capsys, [*DISCRETE, "--prior-checkpoint", path, "--out", out], str(path), *needles)
-    assert not list(out.glob("*.png"))
+    assert not out.exists()  # the folder run created for its output is removed again
 
 
 def test_pickle_refusal_without_torch_warning(tmp_path):
@@ -379,12 +390,12 @@ def test_nonfinite_discrete_decoder_and_images():
 def test_run_sizes(capsys, tmp_path, no_sampling, args, needles):
     out = tmp_path / "samples"
     fails(capsys, [*DISCRETE, *args, "--out", out], *needles)
-    assert not list(out.glob("*.png"))
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("args, needle", [
-    (["--cfg", "nan"], "cfg_scale must be a finite number"),
-    (["--cfg", "-1"], "cfg_scale must be a finite number"),
+    (["--cfg-scale", "nan"], "cfg_scale must be a finite number"),
+    (["--cfg-scale", "-1"], "cfg_scale must be a finite number"),
     (["--ar-steps", "0"], "ar_steps must be in [1, 64]"),
     (["--ar-steps", "65"], "ar_steps must be in [1, 64]"),
     (["--head-steps", "abc"], "num_sampling_steps 'abc'"),
@@ -395,6 +406,38 @@ def test_run_sampling_values(capsys, tmp_path, args, needle):
                    "--backbone-checkpoint", "none", "--ctok-checkpoint", "none", *args,
                    "--out", out], needle)
     assert not list(out.glob("*.png"))
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--prior-temperature", "nan"], "temperature must be a finite number > 0"),
+    (["--prior-temperature", "0"], "temperature must be a finite number > 0"),
+    (["--prior-cfg", "-3"], "cfg_scale must be a finite number >= 0"),
+    (["--prior-cfg", "inf"], "cfg_scale must be a finite number >= 0"),
+])
+def test_run_prior_values(capsys, tmp_path, args, needle):
+    out = tmp_path / "samples"
+    fails(capsys, [*DISCRETE, *args, "--out", out], needle)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--limit", "-3"], "data.limit must be a positive integer"),
+    (["--split", "val"], "data.split must be one of train, test"),
+    (["--shard-size", "0"], "shard_size and batch_size must be positive"),
+    (["--batch-size", "-1"], "shard_size and batch_size must be positive"),
+    (["--data", "nope"], "unknown data.type 'nope'"),
+    (["--data", "folder", "--data-root", "EMPTY"], "unknown option 'limit'"),
+    (["--data", "folder", "--data-root", "EMPTY", "--limit", "-"], "no image files"),
+])
+def test_cache_values(capsys, tmp_path, args, needle):
+    (tmp_path / "EMPTY" / "class0").mkdir(parents=True)
+    argv = CACHE + [str(tmp_path / a) if a == "EMPTY" else a for a in args]
+    if argv[-2:] == ["--limit", "-"]:  # the folder dataset takes no --limit: drop CACHE's
+        at = argv.index("--limit")
+        argv = argv[:at] + argv[at + 2:-2]
+    out = tmp_path / "cache"
+    fails(capsys, [*argv, "--out", out], needle)
+    assert not out.exists()
 
 
 @pytest.mark.parametrize("labels", ["99", "-1", "0,10"])
@@ -417,6 +460,8 @@ def test_run_labels_out_of_range(capsys, tmp_path, labels):
     ({"checkpoint": 123}, "checkpoint must be a path, 'pretrained' or None"),
     ({"dtype": torch.int64}, "dtype must be a floating torch.dtype"),
     ({"dtype": torch.bool}, "dtype must be a floating torch.dtype"),
+    ({"dtype": "int8"}, "dtype must be a floating torch.dtype"),
+    ({"widht": 3}, "unknown override 'widht'"),
 ])
 def test_build_arguments(kwargs, needle):
     with pytest.raises(DisconError) as e:

@@ -231,7 +231,7 @@ def test_shipped_train_configs_validate(name):
 
 def test_shipped_study_config_validates():
     from discon_core.registry import resolve
-    from discon_core.study import STUDY_KEYS
+    from discon_plugins.study import STUDY_KEYS
     raw = yaml.safe_load((REPO / "configs" / "fmnist_cpu.yaml").read_text())
     assert set(raw) <= STUDY_KEYS
     for sec, recipe in (("dtok", "tokenizer"), ("ctok", "tokenizer"), ("discon", "discon"),
@@ -260,7 +260,7 @@ def test_study_end_to_end_and_stage_reuse(tmp_path, capsys, one_thread):
     """tokenizers -> cache -> discon-tiny + rar-tiny -> sample grid, on a tiny schedule; a
     second run reuses every stage; checkpoints load through build() (MAR layout)."""
     from discon_core import build
-    from discon_core.study import run_study
+    from discon_plugins.study import run_study
     from tests.core.test_data import fake_fashion_mnist
 
     root = fake_fashion_mnist(tmp_path / "fm", n=32)

@@ -28,10 +28,11 @@ from typing import Any
 
 import torch
 
-from .errors import DisconError
-from .recipes import component_spec
-from .config import TrainConfig, apply_overrides, check_keys, coerce, load_yaml, read_json
-from .train import LAST, train
+from discon_core.errors import DisconError
+from discon_core.hooks import hookimpl
+from discon_core.recipes import component_spec
+from discon_core.config import TrainConfig, apply_overrides, check_keys, coerce, load_yaml, read_json
+from discon_core.train import LAST, train
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +53,7 @@ SECTION_TYPES = {
     "ctok": {"preset": str, "normalize": str, "stats_items": int},
     "dtok": {"preset": str}, "prior": {"preset": str},
     "sample": {"rows": int, "seed": int, "ar_steps": int, "prior_cfg": float,
-               "temperature": float, "cfg_scale": float, "head_temperature": float},
+               "prior_temperature": float, "cfg_scale": float, "temperature": float},
 }
 
 
@@ -67,7 +68,7 @@ def _check_sections(config: str, **sections: dict) -> None:
     for stage in ("dtok", "ctok", "discon", "prior"):  # each stage's train section, typed
         TrainConfig.from_dict({"recipe": stage, "components": {stage: stage}, "data": {},
                                **_section(sections[stage], "train")}, f"study stage {stage}")
-    from .registry import resolve
+    from discon_core.registry import resolve
     for kind in ("dtok", "ctok", "prior"):  # unknown presets: now, not after a stage trained
         if "preset" not in sections[kind]:
             raise DisconError(f"study config {config}: {kind}.preset is missing")
@@ -84,7 +85,7 @@ def _say(msg: str) -> None:
 def _checkpoint_step(path: Path) -> int | None:
     if not path.is_file():
         return None
-    from .checkpoints import load_file
+    from discon_core.checkpoints import load_file
     return int(load_file(path)["step"])
 
 
@@ -117,8 +118,8 @@ def _latent_stats(cache_dir: Path, ctok_spec: dict, ctok_ckpt: Path, limit: int,
     ``latents_stats.pt`` the same way, from training latents)."""
     from discon_plugins.kl_vae import compute_latents_stats, save_latents_stats
 
-    from .cache import CachedDataset
-    from .registry import build
+    from discon_core.cache import CachedDataset
+    from discon_core.registry import build
     path = cache_dir / "latents_stats.pt"
     if path.is_file():
         return path
@@ -137,10 +138,10 @@ def _latent_stats(cache_dir: Path, ctok_spec: dict, ctok_ckpt: Path, limit: int,
 
 def run_study(config: str | Path, overrides: list[str] = ()) -> Path:
     """Run the study described by ``config``; returns the path of the sample grid."""
-    from .cache import build_cache
-    from .images import save_grid
-    from .pipeline import Pipeline
-    from .registry import build
+    from discon_core.cache import build_cache
+    from discon_core.images import save_grid
+    from discon_core.pipeline import Pipeline
+    from discon_core.registry import build
 
     raw = apply_overrides(load_yaml(config), list(overrides))
     check_keys(raw, STUDY_KEYS, f"study config {config}")
@@ -151,7 +152,7 @@ def run_study(config: str | Path, overrides: list[str] = ()) -> Path:
         # tiny models are per-op-overhead bound: on busy cores one thread avoids descheduled
         # OpenMP workers (measured: 1.7 s vs 7.3 s per DisCon step on a shared 2-core machine)
         torch.set_num_threads(int(raw["threads"]))
-    from .cli import check_output_dir, resolve_device
+    from discon_core.runtime import check_output_dir, resolve_device
     device = resolve_device(raw.get("device"), what="device")
     out = Path(raw.get("out", "runs/study"))
     seed = raw.get("seed", 0)
@@ -227,8 +228,8 @@ def run_study(config: str | Path, overrides: list[str] = ()) -> Path:
     rows = int(sample.get("rows", 4))
     labels = torch.arange(num_classes).repeat(rows)
     g = torch.Generator(device).manual_seed(int(sample.get("seed", seed)))
-    kwargs = {k: sample[k] for k in ("ar_steps", "prior_cfg", "temperature", "cfg_scale",
-                                     "head_temperature") if sample.get(k) is not None}
+    kwargs = {k: sample[k] for k in ("ar_steps", "prior_cfg", "prior_temperature",
+                                     "cfg_scale", "temperature") if sample.get(k) is not None}
     images, tokens, _ = pipe.generate(labels.to(device), generator=g, progress=False,
                                       return_tokens=True, **kwargs)
     grid = save_grid(images, out / "samples.png", nrow=num_classes, upscale=2)
@@ -237,3 +238,20 @@ def run_study(config: str | Path, overrides: list[str] = ()) -> Path:
     _say(f"wrote {grid} (DisCon) and {out / 'samples_dtok.png'} (same ids, VQ decoder); "
          f"total {time.perf_counter() - t_start:.0f} s")
     return grid
+
+
+def _cmd_study(args) -> int:
+    from discon_core.cli import _config_overrides
+    print(f"samples: {run_study(args.config, _config_overrides(args))}")
+    return 0
+
+
+@hookimpl
+def discon_register_commands(subparsers) -> None:
+    from discon_core.cli import _add_config_options
+    p = subparsers.add_parser("study", help="CPU-scale study: train tiny tokenizers -> cache -> "
+                                            "train DisCon + prior -> sample a grid (finished "
+                                            "stages reused)")
+    p.add_argument("config", help="study config (YAML), e.g. configs/fmnist_cpu.yaml")
+    _add_config_options(p, "discon.train.steps=3000")
+    p.set_defaults(func=_cmd_study)
