@@ -165,3 +165,44 @@ def test_bad_head_inputs():
         build("head", "diffusion", num_sampling_steps="abc")
     with pytest.raises(DisconError, match="cannot take"):
         build("head", "diffusion", num_sampling_steps="2000")
+
+
+def first_step_eps_gain(diff: GaussianDiffusion) -> float:
+    """How much an eps error at the first (noisiest) respaced step moves x: the eps coefficient of
+    the posterior mean, posterior_mean_coef1 * sqrt(1/abar - 1)."""
+    k = diff.num_timesteps - 1
+    return float(diff.posterior_mean_coef1[k] * diff.sqrt_recipm1_alphas_cumprod[k])
+
+
+def test_respacing_through_t999_amplifies_eps_errors_316x():
+    # The cosine schedule clips the last beta at 0.999: abar_999 = 2.4e-9, so any spacing that
+    # keeps t = 999 needs eps to ~1e-3 there; stride spacing starts at 990 instead.
+    assert first_step_eps_gain(GaussianDiffusion("100")) == pytest.approx(316.2, rel=1e-3)
+    assert first_step_eps_gain(GaussianDiffusion("ddim100")) < 2.0
+
+
+def test_tiny_head_preset_samples_skip_t999():
+    # A d2/w128 head trained for minutes reaches eps MSE ~1e-2 at t = 999 (sampled std ~2,000 with
+    # "100"); its preset must use a spacing whose first step does not amplify that error.
+    head = build("head", "discon-tiny")
+    assert int(head.gen_diffusion.timestep_map.max()) < 999
+    assert first_step_eps_gain(head.gen_diffusion) < 2.0
+
+
+def test_eps_error_at_t999_throws_the_first_step_off_scale():
+    # An oracle eps for N(0, 1) data plus a 0.1 error (the tiny head's measured RMS error at
+    # t = 999): after the first step from t = 999, x is ~30x the scale the next step was trained
+    # on (a trained head then extrapolates: sampled std ~2,000); from t = 990 it stays ~1.
+    def first_step_std(spacing: str) -> float:
+        diff = GaussianDiffusion(spacing)
+        g = torch.Generator().manual_seed(0)
+        x = torch.randn(4000, 8, generator=g)
+        k = diff.num_timesteps - 1
+        abar = float(diff.alphas_cumprod[k])
+        eps = x * (1 - abar) ** 0.5 + 0.1 * torch.randn(x.shape, generator=g)  # E[eps | x] + error
+        out = torch.cat([eps, torch.zeros_like(eps)], dim=1)
+        p = diff.p_mean_variance_from_output(out, x, torch.full((len(x),), k))
+        return float((p["mean"] + p["variance"].sqrt() * torch.randn(x.shape, generator=g)).std())
+
+    assert first_step_std("100") > 20.0
+    assert 0.8 < first_step_std("ddim100") < 1.3
