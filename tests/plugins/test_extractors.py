@@ -38,7 +38,7 @@ def test_a_replaced_weights_file_is_refused(tmp_path):
 def test_shipped_classifier_accuracy_on_the_test_split():
     # 1000 test images; the full-split figure is in docs/evaluation.md
     acc = ex.test_accuracy(ex.FmnistExtractor(), "test", limit=1000)
-    assert acc > 0.85
+    assert acc > 0.9   # 0.939 on these 1000, 0.9193 on all 10,000
 
 
 def test_inception_file_is_found_without_importing_fid_helper():

@@ -1,0 +1,712 @@
+"""The paper's ablations at CPU scale on Fashion-MNIST, as one resumable study.
+
+    python benchmarks/reproduce.py configs/paper_cpu.yaml --workers 2     # train + measure
+    python benchmarks/reproduce.py configs/paper_cpu.yaml --render        # RESULTS.md + plots
+    python benchmarks/reproduce.py configs/paper_cpu.yaml --quick         # tiny schedules
+
+Every stage is trained by discon's own recipes (``discon_core.train``) or measured with
+``discon_core.metrics``; a stage is one unit of work with inputs (other stages) and an output:
+
+    tok:<name>     a tokenizer            -> OUT/tok/<name>/checkpoint-last.pth
+    cache:<name>   ids + moments of the training set, and the latents' normalization
+    cont:<name>    a continuous model (plain MAR or DisCon: backbone + head)
+    prior:<name>   a discrete prior
+    tokens:...     class-balanced prior samples, kept for every continuous model that uses them
+    eval:...       one measurement -> RESULTS/<stage>.json (metrics, N, seed, timing, settings)
+
+A finished stage is skipped (its marker in ``OUT/.done`` records the settings it ran with; other
+settings run it again: trainings continue from their checkpoint, the trainer refuses a changed
+config naming the difference); an interrupted one resumes. With ``--workers K`` K processes
+share the stages, each claiming (a lock folder per stage) the next one whose inputs are done.
+Every preset combination is checked on the meta device before anything trains.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from discon_core.config import TrainConfig, check_keys, load_yaml
+from discon_core.errors import DisconError
+
+KEYS = {"out", "results", "seed", "threads", "data", "train_defaults", "tokenizers", "caches",
+        "continuous_train", "continuous", "prior_train", "priors", "eval"}
+EVAL_KEYS = {"num", "sweep_num", "seeds", "batch_size", "prior", "prior_cfg_sweep",
+             "mar_cfg_sweep", "ar_steps_sweep", "temperature_sweep", "inception_num"}
+LAST = "checkpoint-last.pth"
+
+
+def say(msg: str) -> None:
+    print(f"[reproduce {os.getpid()}] {time.strftime('%H:%M:%S')} {msg}", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------
+# Config
+
+def quick_profile(cfg: dict) -> dict:
+    """Tiny schedules and sample counts: the whole study in minutes (the slow test runs it)."""
+    cfg = copy.deepcopy(cfg)
+    cfg["out"] = cfg["out"].rstrip("/") + "_quick"
+    cfg["results"] = str(Path(cfg["out"]) / "results")
+    cfg["data"] = {**cfg["data"], "limit": 400}
+    for sec in list(cfg["tokenizers"].values()):
+        sec["train"].update(steps=30, keep_every=None)
+    for key in ("continuous_train", "prior_train"):
+        cfg[key].update(steps=30, keep_every=15, ckpt_every=15)
+    for sec in cfg["priors"].values():
+        sec["overrides"] = {**sec.get("overrides", {}), "randomness_anneal_start": 10,
+                            "randomness_anneal_end": 20}
+    cfg["eval"].update(num=40, sweep_num=20, seeds=[0], batch_size=20, prior_cfg_sweep=[1.0, 2.0],
+                       mar_cfg_sweep=[1.0, 2.0], ar_steps_sweep=[1, 16, 64],
+                       temperature_sweep=[1.0], inception_num=0)
+    return cfg
+
+
+def load_config(path: str, quick: bool = False) -> dict:
+    cfg = load_yaml(path)
+    check_keys(cfg, KEYS, f"study config {path}")
+    check_keys(cfg["eval"], EVAL_KEYS, f"study config {path}: eval")
+    if quick:
+        cfg = quick_profile(cfg)
+    names = set(cfg["tokenizers"])
+    for name, c in cfg["caches"].items():
+        for kind in ("dtok", "ctok"):
+            if c[kind] not in names:
+                raise DisconError(f"study config {path}: caches.{name}.{kind} names tokenizer "
+                                  f"{c[kind]!r}, not one of {sorted(names)}")
+    for name, c in cfg["continuous"].items():
+        if c["cache"] not in cfg["caches"]:
+            raise DisconError(f"study config {path}: continuous.{name}.cache {c['cache']!r} is "
+                              f"not one of {sorted(cfg['caches'])}")
+    if cfg["eval"]["prior"] not in cfg["priors"]:
+        raise DisconError(f"study config {path}: eval.prior {cfg['eval']['prior']!r} is not one "
+                          f"of {sorted(cfg['priors'])}")
+    return cfg
+
+
+def check_presets(cfg: dict) -> None:
+    """Every combination the study will train or sample, checked on meta copies (grids,
+    channels, vocabularies, classes) before any stage runs: one line naming the entries."""
+    from discon_core.pipeline import check_compatible
+    from discon_core.registry import build
+    toks = cfg["tokenizers"]
+
+    def meta(kind, spec):
+        return build(kind, spec["preset"], device="meta", **spec.get("overrides", {}))
+
+    dtok = next(n for n, c in cfg["caches"].items())
+    dtok = cfg["caches"][dtok]["dtok"]
+    for name, c in cfg["continuous"].items():
+        cache = cfg["caches"][c["cache"]]
+        spec = {"preset": c["backbone"], "overrides": c.get("overrides", {})}
+        try:
+            backbone, head = meta("backbone", spec), meta("head", spec)
+            check_compatible(dtok=meta("dtok", toks[cache["dtok"]]), backbone=backbone,
+                             head=head, ctok=meta("ctok", toks[cache["ctok"]]))
+        except DisconError as e:
+            raise DisconError(f"study config: continuous.{name} ({c['backbone']} on cache "
+                              f"{c['cache']}): {e}") from None
+    for name, p in cfg["priors"].items():
+        try:
+            check_compatible(prior=meta("prior", p), dtok=meta("dtok", toks[dtok]))
+        except DisconError as e:
+            raise DisconError(f"study config: priors.{name} ({p['preset']}): {e}") from None
+
+
+def signature(obj: Any) -> str:
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+# ------------------------------------------------------------------------------------------------
+# Stages
+
+@dataclass
+class Stage:
+    name: str
+    run: Callable[[], Any]
+    deps: list[str] = field(default_factory=list)
+    settings: Any = None          # what the stage's result depends on (its marker records it)
+
+
+class Study:
+    def __init__(self, cfg: dict, device: str = "cpu"):
+        self.cfg, self.device = cfg, device
+        self.out, self.results = Path(cfg["out"]), Path(cfg["results"])
+        self.seed = int(cfg.get("seed", 0))
+        self.ev = cfg["eval"]
+        self.stages: dict[str, Stage] = {}
+        self._build_stages()
+
+    # -- paths ---------------------------------------------------------------------------------
+    def tok_ckpt(self, name: str) -> Path:
+        return self.out / "tok" / name / LAST
+
+    def cache_dir(self, name: str) -> Path:
+        return self.out / "cache" / name
+
+    def cont_dir(self, name: str) -> Path:
+        return self.out / "cont" / name
+
+    def marker(self, stage: str) -> Path:
+        return self.out / ".done" / (stage.replace(":", "__") + ".json")
+
+    def result(self, stage: str) -> Path:
+        return self.results / (stage.replace(":", "__") + ".json")
+
+    def add(self, name, run, deps=(), settings=None):
+        self.stages[name] = Stage(name, run, list(deps), settings)
+
+    # -- training ------------------------------------------------------------------------------
+    def _train_cfg(self, block: dict, **fields) -> TrainConfig:
+        raw = {"seed": self.seed, "device": self.device, **self.cfg.get("train_defaults", {}),
+               **copy.deepcopy(block), **fields}
+        return TrainConfig.from_dict(raw, where=f"study stage {fields['out']}")
+
+    def _train(self, cfg: TrainConfig) -> Path:
+        from discon_core.train import train
+        return train(cfg, resume="auto")
+
+    def _ctok_overrides(self, cache: str) -> dict:
+        c = self.cfg["caches"][cache]
+        norm = json.loads((self.cache_dir(cache) / "normalization.json").read_text())
+        return ({"latents_stats": str(self.cache_dir(cache) / "latents_stats.pt")}
+                if norm["kind"] == "stats" else {"scale_factor": norm["scale_factor"]})
+
+    def _build_stages(self) -> None:
+        cfg = self.cfg
+        data = cfg["data"]
+        for name, t in cfg["tokenizers"].items():
+            tc = self._train_cfg(t["train"], recipe="tokenizer", data=data,
+                                 out=str(self.out / "tok" / name),
+                                 components={"tokenizer": {"kind": t["kind"], "preset": t["preset"],
+                                                           "overrides": t.get("overrides", {})}})
+            self.add(f"tok:{name}", lambda tc=tc: self._train(tc), settings=tc.as_dict())
+        for name, c in cfg["caches"].items():
+            self.add(f"cache:{name}", lambda name=name: self.build_cache(name),
+                     deps=[f"tok:{c['dtok']}", f"tok:{c['ctok']}"],
+                     settings={"data": data, **c})
+        for name, c in cfg["continuous"].items():
+            self.add(f"cont:{name}", lambda name=name: self._train(self.cont_cfg(name)),
+                     deps=[f"cache:{c['cache']}"], settings={**c, **cfg["continuous_train"]})
+        for name, p in cfg["priors"].items():
+            self.add(f"prior:{name}", lambda name=name: self._train(self.prior_cfg(name)),
+                     deps=[f"cache:{self._id_cache()}"], settings={**p, **cfg["prior_train"]})
+        self._eval_stages()
+
+    def _id_cache(self) -> str:
+        return next(iter(self.cfg["caches"]))
+
+    def cont_cfg(self, name: str) -> TrainConfig:
+        c = self.cfg["continuous"][name]
+        cache = self.cfg["caches"][c["cache"]]
+        toks = self.cfg["tokenizers"]
+        spec = {"preset": c["backbone"], "overrides": c.get("overrides", {})}
+        opts = {} if self._has_cond(c) else {"use_cond": False}
+        return self._train_cfg(self.cfg["continuous_train"], recipe="discon",
+                               out=str(self.cont_dir(name)), recipe_options=opts,
+                               data={"cache": str(self.cache_dir(c["cache"]))},
+                               components={"backbone": spec, "head": spec,
+                                           "dtok": toks[cache["dtok"]]["preset"],
+                                           "ctok": {"preset": toks[cache["ctok"]]["preset"],
+                                                    "overrides": self._ctok_overrides(c["cache"])}})
+
+    def prior_cfg(self, name: str) -> TrainConfig:
+        p = self.cfg["priors"][name]
+        cache = self._id_cache()
+        dtok = self.cfg["tokenizers"][self.cfg["caches"][cache]["dtok"]]["preset"]
+        return self._train_cfg(self.cfg["prior_train"], recipe="prior",
+                               out=str(self.out / "prior" / name),
+                               data={"cache": str(self.cache_dir(cache))},
+                               components={"prior": {"preset": p["preset"],
+                                                     "overrides": p.get("overrides", {})},
+                                           "dtok": dtok})
+
+    def _has_cond(self, c: dict) -> bool:
+        from discon_core.registry import resolve
+        params = {**resolve("backbone", c["backbone"]).params, **c.get("overrides", {})}
+        return bool(params.get("cond_vocab_size", 0))
+
+    def build_cache(self, name: str) -> None:
+        from discon_core.cache import CachedDataset, build_cache
+        c = self.cfg["caches"][name]
+        toks = self.cfg["tokenizers"]
+        out = self.cache_dir(name)
+        build_cache(self.cfg["data"], out, dtok=toks[c["dtok"]]["preset"],
+                    ctok=toks[c["ctok"]]["preset"], dtok_checkpoint=str(self.tok_ckpt(c["dtok"])),
+                    ctok_checkpoint=str(self.tok_ckpt(c["ctok"])), shard_size=5000,
+                    batch_size=256, device=self.device, progress=False)
+        # normalization of the raw latents, from posterior draws of the cached moments:
+        # per channel (VA-VAE's latents_stats.pt) or one scale (LDM's scale_factor = 1/std)
+        from discon_core.registry import build
+        from discon_plugins.kl_vae import compute_latents_stats, save_latents_stats
+        ctok = build("ctok", toks[c["ctok"]]["preset"], checkpoint=self.tok_ckpt(c["ctok"]))
+        ds = CachedDataset(out)
+        g = torch.Generator().manual_seed(self.seed)
+        idx = torch.randperm(len(ds), generator=g)[:10000]
+        draws = torch.cat([ctok.posterior(torch.stack([ds.get(int(i))["moments"]
+                                                       for i in idx[s:s + 500]])).sample(g)
+                           for s in range(0, len(idx), 500)])
+        if "latents_stats" in ctok_params(toks[c["ctok"]]["preset"]):
+            save_latents_stats(compute_latents_stats(draws), out / "latents_stats.pt")
+            norm = {"kind": "stats"}
+        else:
+            norm = {"kind": "scale", "scale_factor": float(1.0 / draws.std())}
+        (out / "normalization.json").write_text(json.dumps(norm))
+
+    # -- measuring -----------------------------------------------------------------------------
+    def _eval_stages(self) -> None:
+        ev, cfg = self.ev, self.cfg
+        best_prior = ev["prior"]
+        conts = cfg["continuous"]
+        mars = [n for n, c in conts.items() if not self._has_cond(c)]
+        discons = [n for n, c in conts.items() if self._has_cond(c)
+                   and c["cache"] == self._id_cache()]
+        for name in cfg["tokenizers"]:
+            self.add(f"eval:rfid:{name}", lambda name=name: self.eval_rfid(name),
+                     deps=[f"tok:{name}"] + [f"cache:{c}" for c, v in cfg["caches"].items()
+                                             if v["ctok"] == name][:1],
+                     settings={"tok": name})
+        # prior guidance, chosen on the strongest prior alone (sweep_num, seed 0)
+        for s in ev["prior_cfg_sweep"]:
+            self.add(f"eval:prior_cfg:{best_prior}:{s}",
+                     lambda s=s: self.eval_prior_alone(best_prior, 0, ev["sweep_num"], s),
+                     deps=[f"prior:{best_prior}"], settings={"cfg": s, "n": ev["sweep_num"]})
+        cfg_deps = [f"eval:prior_cfg:{best_prior}:{s}" for s in ev["prior_cfg_sweep"]]
+        # MAR guidance, chosen on the smallest MAR at 64 steps
+        for s in ev["mar_cfg_sweep"]:
+            self.add(f"eval:mar_cfg:{mars[0]}:{s}",
+                     lambda s=s: self.eval_cont(mars[0], None, 0, ev["sweep_num"],
+                                                cfg_scale=s, ar_steps=64),
+                     deps=[f"cont:{mars[0]}"], settings={"cfg": s, "n": ev["sweep_num"]})
+        mar_deps = [f"eval:mar_cfg:{mars[0]}:{s}" for s in ev["mar_cfg_sweep"]]
+        # prior samples: every prior, headline seeds, N = num (+ sweep_num for the figures)
+        for p in cfg["priors"]:
+            for seed in ev["seeds"]:
+                self.add(f"tokens:{p}:{seed}:{ev['num']}",
+                         lambda p=p, seed=seed: self.make_tokens(p, seed, ev["num"]),
+                         deps=[f"prior:{p}"] + cfg_deps, settings={"n": ev["num"]})
+                # Table 3: the prior alone (its tokens through the discrete decoder)
+                self.add(f"eval:table3:{p}:dtok:{seed}",
+                         lambda p=p, seed=seed: self.eval_prior_tokens(p, seed, ev["num"]),
+                         deps=[f"tokens:{p}:{seed}:{ev['num']}"], settings={"n": ev["num"]})
+                for d in discons:
+                    self.add(f"eval:table3:{p}:{d}:{seed}",
+                             lambda p=p, d=d, seed=seed: self.eval_cont(d, p, seed, ev["num"]),
+                             deps=[f"tokens:{p}:{seed}:{ev['num']}", f"cont:{d}"],
+                             settings={"n": ev["num"]})
+        # Table 2: MAR at 64 steps (its best guidance) vs DisCon at 16 steps (+ the prior)
+        for m in mars:
+            for seed in ev["seeds"]:
+                self.add(f"eval:table2:{m}:{seed}",
+                         lambda m=m, seed=seed: self.eval_cont(m, None, seed, ev["num"],
+                                                               ar_steps=64,
+                                                               cfg_scale=self.best("mar_cfg")),
+                         deps=[f"cont:{m}"] + mar_deps, settings={"n": ev["num"]})
+        sweep_tokens = f"tokens:{best_prior}:0:{ev['sweep_num']}"
+        self.add(sweep_tokens, lambda: self.make_tokens(best_prior, 0, ev["sweep_num"]),
+                 deps=[f"prior:{best_prior}"] + cfg_deps, settings={"n": ev["sweep_num"]})
+        # Figure 6: FID vs AR steps, MAR and DisCon of the smallest size
+        s_mar, s_dis = mars[0], discons[0]
+        for k in ev["ar_steps_sweep"]:
+            self.add(f"eval:fig6:{s_dis}:{k}",
+                     lambda k=k: self.eval_cont(s_dis, best_prior, 0, ev["sweep_num"], ar_steps=k),
+                     deps=[sweep_tokens, f"cont:{s_dis}"], settings={"k": k})
+            self.add(f"eval:fig6:{s_mar}:{k}",
+                     lambda k=k: self.eval_cont(s_mar, None, 0, ev["sweep_num"], ar_steps=k,
+                                                cfg_scale=self.best("mar_cfg")),
+                     deps=[f"cont:{s_mar}"] + mar_deps, settings={"k": k})
+        # Figure 7: FID vs head temperature, the two continuous tokenizers
+        kl = [n for n, c in conts.items() if self._has_cond(c) and c["cache"] != self._id_cache()]
+        for d in [s_dis] + kl:
+            for t in ev["temperature_sweep"]:
+                self.add(f"eval:fig7:{d}:{t}",
+                         lambda d=d, t=t: self.eval_cont(d, best_prior, 0, ev["sweep_num"],
+                                                         temperature=t),
+                         deps=[sweep_tokens, f"cont:{d}"], settings={"t": t})
+        # Figure 8: FID vs training progress (the kept checkpoints)
+        ct = cfg["continuous_train"]
+        keep = ct.get("keep_every") or ct["steps"]
+        for step in range(keep, ct["steps"] + 1, keep):
+            for m in (s_mar, s_dis):
+                self.add(f"eval:fig8:{m}:{step}",
+                         lambda m=m, step=step: self.eval_cont(
+                             m, None if m == s_mar else best_prior, 0, ev["sweep_num"],
+                             step=step, ar_steps=64 if m == s_mar else None,
+                             cfg_scale=self.best("mar_cfg") if m == s_mar else None),
+                         deps=[f"cont:{m}", sweep_tokens] + (mar_deps if m == s_mar else []),
+                         settings={"step": step})
+        # Figures 2 and 5: pictures
+        self.add("eval:figures", lambda: self.figures(discons[-1], best_prior),
+                 deps=[sweep_tokens, f"cont:{discons[-1]}"], settings={})
+        # the bf16 autocast measurement (images/s and final loss vs fp32, one stage)
+        self.add("eval:bf16_check", lambda: self.bf16_check(s_dis), deps=[f"cache:{self._id_cache()}"],
+                 settings={"steps": 300})
+        # Inception FID of the Table 2 rows (seed 0)
+        if ev.get("inception_num"):
+            for m in mars + discons:
+                self.add(f"eval:inception:{m}",
+                         lambda m=m: self.eval_cont(
+                             m, None if m in mars else best_prior, 0, ev["inception_num"],
+                             ar_steps=64 if m in mars else None,
+                             cfg_scale=self.best("mar_cfg") if m in mars else None,
+                             extractor="inception"),
+                         deps=[f"cont:{m}", sweep_tokens] + mar_deps,
+                         settings={"n": ev["inception_num"]})
+
+    def best(self, sweep: str) -> float:
+        """The guidance scale with the lowest FID in a finished sweep."""
+        rows = [json.loads(p.read_text()) for p in self.results.glob(f"eval__{sweep}__*.json")]
+        if not rows:
+            raise DisconError(f"the {sweep} sweep has no results in {self.results}")
+        return min(rows, key=lambda r: r["fid"])["settings"]["cfg_scale"]
+
+    def tokens_path(self, prior: str, seed: int, n: int) -> Path:
+        return self.out / "tokens" / f"{prior}-seed{seed}-n{n}.pt"
+
+    def build(self, kind, preset, ckpt, **over):
+        from discon_core.registry import build
+        return build(kind, preset, checkpoint=ckpt, device=self.device, **over).eval()
+
+    def prior_module(self, p: str):
+        spec = self.cfg["priors"][p]
+        return self.build("prior", spec["preset"], self.out / "prior" / p / LAST,
+                          **spec.get("overrides", {}))
+
+    def dtok_module(self):
+        name = self.cfg["caches"][self._id_cache()]["dtok"]
+        return self.build("dtok", self.cfg["tokenizers"][name]["preset"], self.tok_ckpt(name))
+
+    @torch.no_grad()
+    def sample_prior(self, p: str, seed: int, n: int, cfg_scale: float):
+        from discon_core.samples import _batch_seed, balanced_labels
+        prior = self.prior_module(p)
+        from discon_core.pipeline import _sampling
+        sampling = _sampling(prior)
+        labels = balanced_labels(n, prior.num_classes)
+        bs, out = self.ev["batch_size"], []
+        t0 = time.perf_counter()
+        for k in range(-(-n // bs)):
+            g = torch.Generator().manual_seed(_batch_seed(seed, k))
+            out.append(prior.sample(labels[k * bs:(k + 1) * bs], cfg_scale=cfg_scale,
+                                    temperature=float(sampling.get("temperature", 1.0)),
+                                    guidance_scale_pow=float(sampling.get("guidance_scale_pow", 0.0)),
+                                    generator=g))
+        return torch.cat(out), labels, (time.perf_counter() - t0) / n
+
+    def make_tokens(self, p: str, seed: int, n: int) -> None:
+        cfg_scale = self.best("prior_cfg")
+        tokens, labels, sec = self.sample_prior(p, seed, n, cfg_scale)
+        path = self.tokens_path(p, seed, n)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        from discon_core.checkpoints import save_atomic
+        save_atomic({"tokens": tokens, "labels": labels, "sec_per_img": torch.tensor(sec),
+                     "cfg_scale": torch.tensor(cfg_scale)}, path)
+
+    def load_tokens(self, p: str, seed: int, n: int) -> dict:
+        return torch.load(self.tokens_path(p, seed, n), weights_only=True)
+
+    def score(self, images: torch.Tensor, labels: torch.Tensor, extractor: str = "fmnist",
+              ref_n: int | None = None) -> dict:
+        from discon_core import metrics
+        ext = metrics.get_extractor(extractor, self.device)
+        gen = metrics.EvalInput("generated", images=metrics.TensorImages(images), labels=labels)
+        ref = metrics.load_input("fashion-mnist:test")
+        if ref_n:  # a fixed subset of the test set (Inception on this CPU: seconds per image)
+            ref = metrics.EvalInput(f"fashion-mnist:test[:{ref_n}]",
+                                    images=metrics.TensorImages(ref.images.images[:ref_n]),
+                                    cache_key=f"fashion-mnist-test-first{ref_n}-32px")
+        names = ["fid", "kid", "isc", "prc"] if ext.num_classes else ["fid", "kid", "prc"]
+        return metrics.compute(gen, ref, ext, names, device=self.device,
+                               kid_subset_size=min(1000, len(images)), batch_size=250)
+
+    def write(self, stage: str, row: dict) -> None:
+        from discon_core.checkpoints import atomic_path
+        row = {"stage": stage, **row, "machine": machine(), "date": time.strftime("%Y-%m-%d")}
+        row.pop("sample", None)
+        self.results.mkdir(parents=True, exist_ok=True)
+        with atomic_path(self.result(stage)) as tmp:
+            Path(tmp).write_text(json.dumps(row, indent=1, default=float))
+
+    def eval_prior_alone(self, p: str, seed: int, n: int, cfg_scale: float) -> None:
+        tokens, labels, sec = self.sample_prior(p, seed, n, cfg_scale)
+        images, dec = self.decode_ids(tokens)
+        row = self.score(images, labels)
+        self.write(self._current,
+                   {**row, "settings": {"prior": p, "cfg_scale": cfg_scale, "seed": seed},
+                    "sec_per_img": sec + dec})
+
+    @torch.no_grad()
+    def decode_ids(self, tokens: torch.Tensor):
+        dtok = self.dtok_module()
+        t0 = time.perf_counter()
+        images = torch.cat([dtok.decode(tokens[i:i + 250]) for i in range(0, len(tokens), 250)])
+        return to_uint8(images), (time.perf_counter() - t0) / len(tokens)
+
+    def eval_prior_tokens(self, p: str, seed: int, n: int) -> None:
+        t = self.load_tokens(p, seed, n)
+        images, dec = self.decode_ids(t["tokens"])
+        row = self.score(images, t["labels"])
+        prior = self.prior_module(p)
+        self.write(f"eval:table3:{p}:dtok:{seed}", {
+            **row, "settings": {"prior": p, "decoder": "dtok", "seed": seed,
+                                "prior_cfg": float(t["cfg_scale"])},
+            "params_prior": n_params(prior), "sec_per_img": float(t["sec_per_img"]) + dec,
+            "sec_per_img_prior": float(t["sec_per_img"])})
+
+    def cont_modules(self, name: str, step: int | None = None):
+        c = self.cfg["continuous"][name]
+        d = self.cont_dir(name)
+        ckpt = d / (f"checkpoint-{step:07d}.pth" if step and step != self.cfg["continuous_train"][
+            "steps"] else LAST)
+        over = c.get("overrides", {})
+        backbone = self.build("backbone", c["backbone"], ckpt, **over)
+        head = self.build("head", c["backbone"], ckpt, **over)
+        cache = self.cfg["caches"][c["cache"]]
+        ctok = self.build("ctok", self.cfg["tokenizers"][cache["ctok"]]["preset"],
+                          self.tok_ckpt(cache["ctok"]), **self._ctok_overrides(c["cache"]))
+        return backbone, head, ctok
+
+    @torch.no_grad()
+    def generate(self, name, prior, seed, n, *, step=None, ar_steps=None, temperature=None,
+                 cfg_scale=None):
+        """Images of continuous model ``name`` (from ``prior``'s saved tokens for DisCon);
+        returns uint8 images, labels, seconds per image of the continuous stage + decoder."""
+        from discon_core import sample_tokens
+        from discon_core.samples import _batch_seed, balanced_labels
+        backbone, head, ctok = self.cont_modules(name, step)
+        from discon_core.pipeline import _sampling
+        sampling = _sampling(backbone)
+        ar_steps = int(ar_steps or sampling.get("ar_steps", 16))
+        cfg_scale = float(cfg_scale if cfg_scale is not None else 1.0)
+        temperature = float(temperature if temperature is not None else 1.0)
+        if prior is not None:
+            t = self.load_tokens(prior, seed, n)
+            labels, cond = t["labels"], t["tokens"].flatten(1)
+        else:
+            labels, cond = balanced_labels(n, backbone.class_num), None
+        bs, out = self.ev["batch_size"], []
+        t0 = time.perf_counter()
+        for k in range(-(-n // bs)):
+            g = torch.Generator().manual_seed(_batch_seed(seed, k) + 7)
+            sl = slice(k * bs, (k + 1) * bs)
+            x = sample_tokens(backbone, head, labels[sl], cond=None if cond is None else cond[sl],
+                              ar_steps=ar_steps, temperature=temperature, cfg_scale=cfg_scale,
+                              generator=g)
+            out.append(ctok.decode(backbone.unpatchify(x)))
+        sec = (time.perf_counter() - t0) / n
+        settings = {"model": name, "prior": prior, "seed": seed, "ar_steps": ar_steps,
+                    "temperature": temperature, "cfg_scale": cfg_scale,
+                    "step": step or self.cfg["continuous_train"]["steps"],
+                    "head_steps": getattr(head, "num_sampling_steps", None)}
+        return to_uint8(torch.cat(out)), labels, sec, settings, n_params(backbone, head)
+
+    def eval_cont(self, name, prior, seed, n, extractor="fmnist", **kw) -> None:
+        images, labels, sec, settings, params = self.generate(name, prior, seed, n, **kw)
+        ref_n = self.ev["inception_num"] if extractor == "inception" else None
+        row = self.score(images, labels, extractor, ref_n=ref_n)
+        sec_prior = float(self.load_tokens(prior, seed, n)["sec_per_img"]) if prior else 0.0
+        stage = self._current
+        self.write(stage, {**row, "settings": settings, "params": params,
+                           "sec_per_img": sec + sec_prior, "sec_per_img_prior": sec_prior,
+                           "sec_per_img_continuous": sec})
+
+    @torch.no_grad()
+    def figures(self, name: str, prior: str) -> None:
+        """Figure 2 (the same prior tokens: discrete decoder vs DisCon) and Figure 5 (one set of
+        samples at 1, 4, 16, 32 AR steps), 2 images per class."""
+        from discon_core import sample_tokens
+        from discon_core.images import save_grid
+        t = self.load_tokens(prior, 0, self.ev["sweep_num"])
+        idx = torch.arange(20)
+        tokens, labels = t["tokens"][idx], t["labels"][idx]
+        backbone, head, ctok = self.cont_modules(name)
+        self.results.mkdir(parents=True, exist_ok=True)
+        rows = [self.dtok_module().decode(tokens)]
+        for k in (1, 4, 16, 32):
+            g = torch.Generator().manual_seed(0)
+            x = sample_tokens(backbone, head, labels, cond=tokens.flatten(1), ar_steps=k,
+                              generator=g)
+            rows.append(ctok.decode(backbone.unpatchify(x)))
+        save_grid(torch.cat([rows[0], rows[3]]), self.results / "fig2_discrete_vs_discon.png",
+                  nrow=20, upscale=2)
+        save_grid(torch.cat(rows[1:]), self.results / "fig5_ar_steps.png", nrow=20, upscale=2)
+        self.write("eval:figures", {"files": ["fig2_discrete_vs_discon.png", "fig5_ar_steps.png"],
+                                    "settings": {"model": name, "prior": prior, "images": 20,
+                                                 "fig5_ar_steps": [1, 4, 16, 32]}})
+
+    def bf16_check(self, name: str) -> None:
+        """One stage trained twice from the same seed, fp32 vs bf16 autocast: images/s and the
+        final training loss (mean of the last logged values)."""
+        rows, steps = {}, min(300, self.cfg["continuous_train"]["steps"])
+        for precision in ("fp32", "bf16"):
+            cfg = self.cont_cfg(name)
+            raw = cfg.as_dict()
+            raw.update(out=str(self.out / "bf16_check" / precision), precision=precision,
+                       steps=steps, keep_every=None, ckpt_every=steps, log_every=10)
+            cfg = TrainConfig.from_dict(raw)
+            t0 = time.perf_counter()
+            self._train(cfg)
+            wall = time.perf_counter() - t0
+            logs = [json.loads(x) for x in (Path(cfg.out) / "log.jsonl").read_text().splitlines()
+                    if x.strip()]
+            losses = [r["loss"] for r in logs if "loss" in r]
+            rows[precision] = {"final_loss": sum(losses[-10:]) / len(losses[-10:]),
+                               "images_per_s": steps * cfg.batch_size / wall, "wall_s": wall}
+        self.write("eval:bf16_check", {"model": name, "steps": steps, **rows,
+                                       "speedup": rows["bf16"]["images_per_s"]
+                                       / rows["fp32"]["images_per_s"]})
+
+    @torch.no_grad()
+    def eval_rfid(self, name: str) -> None:
+        from discon_core import metrics
+        t = self.cfg["tokenizers"][name]
+        tok = self.build(t["kind"], t["preset"], self.tok_ckpt(name))
+        ext = metrics.get_extractor("fmnist", self.device)
+        ref = metrics.load_input("fashion-mnist:test")
+        rec, psnr = metrics.reconstruct(tok, ref, device=self.device, batch_size=250)
+        row = metrics.compute(rec, ref, ext, ["fid", "kid"], device=self.device, batch_size=250)
+        rec_labels = metrics.EvalInput("rec", images=rec.images, labels=ref.labels)
+        acc = metrics.compute(rec_labels, ref, ext, ["fid"], device=self.device)["class_accuracy"]
+        self.write(f"eval:rfid:{name}", {**row, "psnr": psnr, "class_accuracy": acc,
+                                         "settings": {"tokenizer": name, "preset": t["preset"],
+                                                      "steps": t["train"]["steps"]},
+                                         "params": n_params(tok)})
+
+    # -- scheduling ----------------------------------------------------------------------------
+    def is_done(self, stage: str) -> bool:
+        m = self.marker(stage)
+        if not m.is_file():
+            return False
+        return json.loads(m.read_text()).get("signature") == signature(self.stages[stage].settings)
+
+    def runnable(self) -> tuple[list[str], list[str]]:
+        todo = [s for s in self.stages if not self.is_done(s)]
+        ready = [s for s in todo if all(self.is_done(d) for d in self.stages[s].deps)]
+        return todo, ready
+
+    def claim(self, stage: str) -> bool:
+        lock = self.out / ".locks" / stage.replace(":", "__")
+        lock.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            lock.mkdir()
+        except FileExistsError:
+            pid = (lock / "pid").read_text() if (lock / "pid").is_file() else ""
+            if pid and not pid_alive(int(pid)):
+                (lock / "pid").unlink(missing_ok=True)
+                lock.rmdir()
+                return self.claim(stage)
+            return False
+        (lock / "pid").write_text(str(os.getpid()))
+        return True
+
+    def release(self, stage: str) -> None:
+        lock = self.out / ".locks" / stage.replace(":", "__")
+        (lock / "pid").unlink(missing_ok=True)
+        lock.rmdir()
+
+    def work(self, only: str | None = None) -> None:
+        while True:
+            todo, ready = self.runnable()
+            if only:
+                todo = [s for s in todo if s.startswith(only)]
+                ready = [s for s in ready if s.startswith(only)]
+            if not todo:
+                return
+            for stage in ready:
+                if self.claim(stage):
+                    break
+            else:
+                if not ready and not any((self.out / ".locks" / s.replace(":", "__")).exists()
+                                         for s in todo):
+                    raise DisconError(f"stages {todo[:3]} wait on inputs nothing produces")
+                time.sleep(5)
+                continue
+            try:
+                if self.is_done(stage):
+                    continue
+                say(f"{stage}: start")
+                t0 = time.perf_counter()
+                self._current = stage
+                self.stages[stage].run()
+                wall = time.perf_counter() - t0
+                m = self.marker(stage)
+                m.parent.mkdir(parents=True, exist_ok=True)
+                m.write_text(json.dumps({"signature": signature(self.stages[stage].settings),
+                                         "wall_s": wall, "finished": time.strftime("%c")}))
+                say(f"{stage}: done in {wall:.0f} s")
+            finally:
+                self.release(stage)
+
+
+def ctok_params(preset: str) -> dict:
+    from discon_core.registry import resolve
+    return resolve("ctok", preset).params
+
+
+def to_uint8(images: torch.Tensor) -> torch.Tensor:
+    return images.float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+
+
+def n_params(*modules) -> int:
+    return sum(p.numel() for m in modules for p in m.parameters())
+
+
+def pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
+def machine() -> str:
+    return f"{os.cpu_count()}-core CPU, torch {torch.__version__}, {torch.get_num_threads()} thread(s)"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("config", help="study config, e.g. configs/paper_cpu.yaml")
+    ap.add_argument("--quick", action="store_true", help="tiny schedules (minutes)")
+    ap.add_argument("--workers", type=int, default=1, help="processes sharing the stages")
+    ap.add_argument("--only", default=None, help="run only stages whose name starts with this")
+    ap.add_argument("--render", action="store_true", help="write RESULTS.md tables and plots")
+    ap.add_argument("--list", action="store_true", help="list the stages and whether they are done")
+    ap.add_argument("--device", default="cpu")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_config(args.config, args.quick)
+        torch.set_num_threads(int(cfg.get("threads") or os.cpu_count()))
+        check_presets(cfg)
+        study = Study(cfg, args.device)
+        if args.list:
+            for s in study.stages:
+                print(("done  " if study.is_done(s) else "todo  ") + s)
+            return 0
+        if args.render:
+            from render_results import render
+            print(render(study))
+            return 0
+        children = [subprocess.Popen([sys.executable, __file__, *(argv or sys.argv[1:]),
+                                      "--workers", "1"])
+                    for _ in range(args.workers - 1)]
+        study.work(args.only)
+        rc = max([c.wait() for c in children], default=0)
+        return rc
+    except DisconError as e:
+        print(f"reproduce: error: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
