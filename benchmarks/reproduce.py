@@ -41,7 +41,7 @@ from discon_core.config import TrainConfig, check_keys, load_yaml
 from discon_core.errors import DisconError
 
 KEYS = {"out", "results", "seed", "threads", "data", "train_defaults", "tokenizers", "caches",
-        "continuous_train", "continuous", "prior_train", "priors", "eval"}
+        "continuous_train", "continuous", "prior_train", "priors", "eval", "default"}
 EVAL_KEYS = {"num", "sweep_num", "seeds", "batch_size", "prior", "prior_cfg_sweep",
              "mar_cfg_sweep", "ar_steps_sweep", "temperature_sweep", "inception_num"}
 LAST = "checkpoint-last.pth"
@@ -583,6 +583,37 @@ class Study:
                                                       "steps": t["train"]["steps"]},
                                          "params": n_params(tok)})
 
+    # -- the embedded default -----------------------------------------------------------------
+    def export_default(self) -> dict:
+        """Ship the stages named in the config's ``default`` block inside the package
+        (discon_plugins/default_model.py); the prior samples with the guidance its sweep chose."""
+        from discon_core.pipeline import _sampling
+        from discon_plugins import default_model
+        d = self.cfg["default"]
+        name, p = d["continuous"], d["prior"]
+        c = self.cfg["continuous"][name]
+        cache = self.cfg["caches"][c["cache"]]
+        toks = self.cfg["tokenizers"]
+        backbone, head, ctok = self.cont_modules(name)
+        prior = self.prior_module(p)
+        where = f"configs/paper_cpu.yaml, seed {self.seed}"
+        comps = {
+            "prior": {"module": prior, "extends": self.cfg["priors"][p]["preset"],
+                      "params": self.cfg["priors"][p].get("overrides", {}),
+                      "sampling": {**_sampling(prior), "cfg_scale": self.best("prior_cfg")},
+                      "description": f"embedded default prior: stage prior:{p} of {where}"},
+            "dtok": {"module": self.dtok_module(), "extends": toks[cache["dtok"]]["preset"],
+                     "description": f"embedded default dtok: stage tok:{cache['dtok']} of {where}"},
+            "backbone": {"module": backbone, "head": head, "extends": c["backbone"],
+                         "head_extends": c["backbone"], "params": c.get("overrides", {}),
+                         "description": f"embedded default DisCon: stage cont:{name} of {where}"},
+            "ctok": {"module": ctok, "extends": toks[cache["ctok"]]["preset"],
+                     "description": f"embedded default ctok: stage tok:{cache['ctok']} of {where} "
+                                    "(latent statistics folded into the weights)"},
+        }
+        shas = default_model.export(comps, description=f"From {where}: prior {p}, DisCon {name}.")
+        return {"files": shas, "megabytes": default_model.size_mb()}
+
     # -- scheduling ----------------------------------------------------------------------------
     def is_done(self, stage: str) -> bool:
         m = self.marker(stage)
@@ -682,8 +713,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--only", default=None, help="run only stages whose name starts with this")
     ap.add_argument("--render", action="store_true", help="write RESULTS.md tables and plots")
     ap.add_argument("--list", action="store_true", help="list the stages and whether they are done")
+    ap.add_argument("--export-default", action="store_true",
+                    help="ship the config's `default` stages inside the package (discon run)")
     ap.add_argument("--device", default="cpu")
     args = ap.parse_args(argv)
+    threads = torch.get_num_threads()
     try:
         cfg = load_config(args.config, args.quick)
         torch.set_num_threads(int(cfg.get("threads") or os.cpu_count()))
@@ -692,6 +726,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.list:
             for s in study.stages:
                 print(("done  " if study.is_done(s) else "todo  ") + s)
+            return 0
+        if args.export_default:
+            print(json.dumps(study.export_default(), indent=1))
             return 0
         if args.render:
             from render_results import render
@@ -706,6 +743,8 @@ def main(argv: list[str] | None = None) -> int:
     except DisconError as e:
         print(f"reproduce: error: {e}", file=sys.stderr)
         return 1
+    finally:
+        torch.set_num_threads(threads)
 
 
 if __name__ == "__main__":

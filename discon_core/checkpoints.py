@@ -239,9 +239,35 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None,
     return dest
 
 
+PACKAGE_SCHEME = "package:"
+
+
+def package_file(url: str, sha256: str | None = None, what: str = "file") -> Path:
+    """A file shipped inside an installed package, ``package:PKG/REL/PATH``, verified against
+    ``sha256`` at every use (the embedded default weights: a few MB, milliseconds to hash)."""
+    import importlib.util
+    pkg, _, rel = url[len(PACKAGE_SCHEME):].partition("/")
+    spec = importlib.util.find_spec(pkg) if pkg else None
+    if spec is None or not spec.submodule_search_locations or not rel:
+        raise DisconError(f"{what}: {url} names no installed package file (package:PKG/PATH)")
+    path = Path(next(iter(spec.submodule_search_locations))) / rel
+    if not path.is_file():
+        raise DisconError(f"{what}: embedded file {path} is missing; reinstall discon "
+                          "(pip install -e .)")
+    if sha256 is not None:
+        got = sha256_of(path)
+        if got != sha256.lower():
+            raise DisconError(f"{what}: embedded file {path} is corrupted: sha256 {got}, "
+                              f"expected {sha256}; reinstall discon or re-export it")
+    return path
+
+
 def fetch(file: str, url: str | None = None, sha256: str | None = None,
           what: str = "file") -> Path:
-    """A cached file under ``$DISCON_HOME/checkpoints``: reuse it, or download it, or explain."""
+    """A cached file under ``$DISCON_HOME/checkpoints``: reuse it, or download it, or explain;
+    ``package:`` URLs are files inside an installed package (checked, never copied)."""
+    if url is not None and url.startswith(PACKAGE_SCHEME):
+        return package_file(url, sha256, what)
     dest = discon_home() / "checkpoints" / file
     if dest.is_file():
         return dest

@@ -19,6 +19,7 @@ from .interfaces import KINDS
 from .runtime import DEVICES, check_output_dir, output_dir, resolve_device  # noqa: F401
 
 MAX_RUN_IMAGES = 50_000  # an FID-50k set; run keeps every image in memory
+_PROCESS_START = __import__("time").time()  # `discon run` reports the time since start
 
 
 def add_device_option(p, default: str | None = "auto") -> None:
@@ -184,9 +185,17 @@ def _add_pipeline_options(p) -> None:
     p.add_argument("--no-progress", action="store_true")
 
 
+# The embedded default (Fashion-MNIST, weights inside the package; docs/default_model.md):
+# what `discon run` / `discon sample` use when no component is named.
+DEFAULT_PIPELINE = {"prior": "fmnist", "dtok": "fmnist", "backbone": "fmnist", "head": "fmnist",
+                    "ctok": "fmnist"}
+
+
 def _pipeline_names(args) -> tuple[dict, dict]:
     """(kind -> preset name or None, kind -> checkpoint) from the shared options."""
     names = {k: getattr(args, k) for k in KINDS_IN_PIPELINE}
+    if not any(names.values()):
+        names = dict(DEFAULT_PIPELINE)
     if args.prior and names["backbone"] is None and args.ctok:
         names["backbone"] = "discon-l"
     if args.prior and names["backbone"] is None and names["dtok"] is None:
@@ -201,12 +210,12 @@ def _pipeline_names(args) -> tuple[dict, dict]:
 
 def _generate_fn(pipe, args):
     """labels, generator -> images, with the shared sampling options."""
-    def generate(labels, generator):
+    def generate(labels, generator, return_tokens=False):
         return pipe.generate(labels, ar_steps=args.ar_steps, prior_cfg=args.prior_cfg,
                              prior_temperature=args.prior_temperature,
                              cfg_scale=args.cfg_scale, temperature=args.temperature,
                              head_steps=args.head_steps, generator=generator,
-                             progress=False)
+                             progress=False, return_tokens=return_tokens)
     return generate
 
 
@@ -224,11 +233,63 @@ def _add_run(sub) -> None:
                     "DisCon; with --prior and --dtok only: the discrete pipeline (RAR + MaskGIT); "
                     "with a backbone and --ctok but no prior: MAR.")
     _add_pipeline_options(p)
-    p.add_argument("--num", type=int, default=8, help="number of images (default 8)")
+    p.add_argument("--num", type=int, default=None,
+                   help="number of images (default: two per class up to 16 classes, else 8)")
     p.add_argument("--labels", default=None,
-                   help="comma-separated class ids, cycled to --num (default: random classes)")
+                   help="comma-separated class ids or names (e.g. sneaker,bag), cycled to --num "
+                        "(default: classes in turn, or random ones for more than 16 classes)")
     p.add_argument("--out", default="samples", help="output folder (grid.png + one PNG per image)")
+    p.add_argument("--compare-discrete", action="store_true",
+                   help="also write grid_discrete.png: the same prior tokens decoded by the dtok "
+                        "(the paper's Figure 2)")
+    p.add_argument("--ar-steps-sweep", default=None, metavar="K1,K2,...",
+                   help="also write grid_ar_steps.png: the same prior tokens completed with each "
+                        "number of AR steps, one row per value (the paper's Figure 5)")
     p.set_defaults(func=_cmd_run)
+
+
+def _class_key(name: str) -> str:
+    return name.strip().lower().replace(" ", "-")
+
+
+def parse_labels(text: str, classes: list[str], num_classes: int) -> list[int]:
+    """``--labels``: comma-separated class ids or class names (case-insensitive, spaces as
+    hyphens: ``ankle-boot``; a name before a slash alone: ``t-shirt`` for ``T-shirt/top``)."""
+    from .errors import close_matches
+    by_name = {_class_key(c): i for i, c in enumerate(classes)}
+    by_name.update({k.split("/")[0]: i for k, i in list(by_name.items()) if "/" in k})
+    ids = []
+    for item in (v.strip() for v in text.split(",")):
+        if not item:
+            continue
+        if item.lstrip("-").isdigit():
+            ids.append(int(item))
+        elif _class_key(item) in by_name:
+            ids.append(by_name[_class_key(item)])
+        else:
+            known = f"; classes: {', '.join(classes)}" if classes else (
+                "; this pipeline's presets name no classes, use class ids")
+            raise DisconError(f"--labels: unknown class {item!r}"
+                              f"{close_matches(_class_key(item), list(by_name))}{known}")
+    if not ids:
+        raise DisconError("--labels is empty")
+    bad = [i for i in ids if not 0 <= i < num_classes]
+    if bad:
+        raise DisconError(f"--labels: class ids {bad} are outside [0, {num_classes}) of this "
+                          "pipeline")
+    return ids
+
+
+def _parse_steps_sweep(text: str | None) -> list[int]:
+    if text is None:
+        return []
+    try:
+        steps = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise DisconError(f"--ar-steps-sweep must be comma-separated integers, got {text!r}") from None
+    if not steps or min(steps) < 1:
+        raise DisconError(f"--ar-steps-sweep needs integers >= 1, got {text!r}")
+    return steps
 
 
 def _cmd_run(args) -> int:
@@ -240,43 +301,85 @@ def _cmd_run(args) -> int:
     from .pipeline import Pipeline
     from .registry import parse_dtype
 
-    _check_batching(args, MAX_RUN_IMAGES)
-    ids = None
-    if args.labels is not None:
-        try:
-            ids = [int(v) for v in args.labels.split(",") if v.strip()]
-        except ValueError:
-            raise DisconError(f"--labels must be comma-separated integers, got "
-                              f"{args.labels!r}") from None
-        if not ids:
-            raise DisconError("--labels is empty")
+    if args.num is not None:
+        _check_batching(args, MAX_RUN_IMAGES)
+    sweep = _parse_steps_sweep(args.ar_steps_sweep)
     device = resolve_device(args.device)
     with output_dir(args.out):  # checked before any weights load; removed if nothing is written
         names, ckpts = _pipeline_names(args)
         pipe = Pipeline.from_names(**names, checkpoints=ckpts, device=device,
                                    dtype=parse_dtype(args.dtype, "--dtype"))
-        num_classes = (pipe.prior.num_classes if pipe.prior is not None
-                       else pipe.backbone.class_num)
+        if args.compare_discrete and (pipe.dtok is None or pipe.backbone is None):
+            raise DisconError("--compare-discrete needs a DisCon pipeline (a prior, a dtok and a "
+                              "backbone): name --dtok too")
+        if sweep and (pipe.prior is None or pipe.backbone is None):
+            raise DisconError("--ar-steps-sweep needs a DisCon pipeline (a prior and a backbone)")
+        lead = pipe.prior if pipe.prior is not None else pipe.backbone
+        num_classes = lead.num_classes if pipe.prior is not None else lead.class_num
+        from .data import class_names
+        classes = class_names(getattr(getattr(lead, "discon_preset", None), "classes", None))
+        args.num = args.num or (2 * num_classes if num_classes <= 16 else 8)
+        _check_batching(args, MAX_RUN_IMAGES)
         generator = torch.Generator(device=device).manual_seed(args.seed)
-        if ids is not None:
+        if args.labels is not None:
+            ids = parse_labels(args.labels, classes, num_classes)
             labels = torch.tensor([ids[i % len(ids)] for i in range(args.num)])
+        elif num_classes <= 16:
+            labels = torch.arange(args.num) % num_classes
         else:
             labels = torch.randint(0, num_classes, (args.num,),
                                    generator=torch.Generator().manual_seed(args.seed))
         generate = _generate_fn(pipe, args)
-        images, start = [], time.perf_counter()
+        images, tokens, start = [], [], time.perf_counter()
         for i in range(0, args.num, args.batch_size):
-            images.append(generate(labels[i:i + args.batch_size], generator).cpu())
+            out = generate(labels[i:i + args.batch_size], generator, return_tokens=True)
+            images.append(out[0].cpu())
+            tokens.append(out[1])
         if device.type == "cuda":
             torch.cuda.synchronize()
         elapsed = time.perf_counter() - start
         images = torch.cat(images)
-        grid = save_grid(images, f"{args.out}/grid.png")
+        nrow = num_classes if args.labels is None and args.num % num_classes == 0 else None
+        grid = save_grid(images, f"{args.out}/grid.png", nrow=nrow, upscale=_upscale(images))
         save_images(images, args.out)
+        wrote = [str(grid)]
+        if args.compare_discrete:
+            discrete = torch.cat([pipe.dtok.decode(t.to(device)).cpu() for t in tokens])
+            wrote.append(str(save_grid(discrete, f"{args.out}/grid_discrete.png", nrow=nrow,
+                                       upscale=_upscale(images))))
+        if sweep:
+            rows = []
+            for k in sweep:  # the same tokens (first row of images) completed in k steps
+                t = tokens[0][:nrow or 8]
+                g = torch.Generator(device=device).manual_seed(args.seed)
+                rows.append(pipe.generate(labels[:len(t)], discrete=t, ar_steps=k, generator=g,
+                                          cfg_scale=args.cfg_scale, temperature=args.temperature,
+                                          head_steps=args.head_steps, progress=False).cpu())
+            wrote.append(str(save_grid(torch.cat(rows), f"{args.out}/grid_ar_steps.png",
+                                       nrow=len(rows[0]), upscale=_upscale(images))))
+        named = [classes[i] if i < len(classes) else str(i) for i in labels.tolist()]
         print(f"{pipe.mode}: {args.num} images in {elapsed:.2f} s = "
-              f"{elapsed / args.num:.3f} sec/img on {device}; labels {labels.tolist()}")
-        print(f"wrote {grid} and {args.num} PNGs in {args.out}")
+              f"{elapsed / args.num:.3f} sec/img on {device} ({_since_start():.1f} s since the "
+              f"process started); labels {', '.join(named)}")
+        print(f"wrote {', '.join(wrote)} and {args.num} PNGs in {args.out}"
+              + (f" (AR steps per row: {sweep})" if sweep else ""))
     return 0
+
+
+def _upscale(images) -> int:
+    """Small images (Fashion-MNIST's 32 px) are enlarged in grids so they can be seen."""
+    return max(1, 128 // images.shape[-1])
+
+
+def _since_start() -> float:
+    """Seconds since this process started (Linux: from /proc, Python start-up included)."""
+    import time
+    try:
+        ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
+        uptime = float(open("/proc/uptime").read().split()[0])
+        return uptime - ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return time.time() - _PROCESS_START
 
 
 def _add_sample(sub) -> None:

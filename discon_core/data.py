@@ -40,6 +40,19 @@ FASHION_MNIST_FILES = {
 }
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot")
+DATASET_CLASSES = {"fashion-mnist": FASHION_MNIST_CLASSES}
+
+
+def class_names(spec: list | str | None) -> list[str]:
+    """A preset's ``classes``: a list of names, or the name of a dataset whose names to use."""
+    if isinstance(spec, str):
+        if spec not in DATASET_CLASSES:
+            raise DisconError(f"classes: unknown dataset {spec!r}; known: "
+                              f"{', '.join(DATASET_CLASSES)} (or give the list of names)")
+        return list(DATASET_CLASSES[spec])
+    return [str(c) for c in spec or []]
+
+
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
                     ".pgm", ".jpe")
 # IDX type byte -> numpy big-endian dtype (the IDX format stores multi-byte values big-endian).

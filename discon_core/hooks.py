@@ -46,6 +46,7 @@ BUILTIN_PLUGINS = (
     "discon_plugins.mar",
     "discon_plugins.heads",
     "discon_plugins.study",
+    "discon_plugins.default_model",
 )
 
 

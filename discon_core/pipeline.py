@@ -307,7 +307,8 @@ class Pipeline:
                  prior_temperature: float | None = None, ar_steps: int | None = None,
                  cfg_scale: float | None = None, temperature: float | None = None,
                  head_steps: int | str | None = None, generator: torch.Generator | None = None,
-                 progress: bool = True, return_tokens: bool = False):
+                 progress: bool = True, return_tokens: bool = False,
+                 discrete: torch.Tensor | None = None):
         """labels int64 [B] -> images float32 [B, 3, H, W] in [0, 1].
 
         Names: ``prior_*`` is the discrete stage, the rest the continuous stage (the names of
@@ -317,7 +318,8 @@ class Pipeline:
         ``temperature`` default to the backbone preset's sampling block (16, 1.0, 1.0 without
         one); ``head_steps`` to the head preset's.
         With ``return_tokens``: ``(images, discrete tokens [B,h,w] or None, latents [B,C,h,w]
-        or None)``.
+        or None)``. ``discrete`` (int64 [B,h,w]) replaces the prior's sample: the same tokens
+        completed again, e.g. at other step counts (``discon run --ar-steps-sweep``).
         """
         labels = as_labels(labels)
         for kind in ("prior", "dtok", "backbone", "head", "ctok"):
@@ -331,8 +333,12 @@ class Pipeline:
             ar_steps = int(_sampling(self.backbone).get("ar_steps", 16))
         if self.backbone is not None and not 1 <= ar_steps <= self.backbone.seq_len:
             raise DisconError(f"ar_steps must be in [1, {self.backbone.seq_len}], got {ar_steps}")
-        discrete = latents = None
-        if self.prior is not None:
+        latents = None
+        if discrete is not None and (self.prior is None or discrete.shape[0] != labels.shape[0]):
+            raise DisconError("discrete: given tokens need a pipeline with a prior (its grid) and "
+                              f"one grid per label, got {list(discrete.shape)} for "
+                              f"{labels.shape[0]} labels")
+        if self.prior is not None and discrete is None:
             sampling = _sampling(self.prior)
             cfg, temp = sampling.pop("cfg_scale", 1.0), sampling.pop("temperature", 1.0)
             cfg = cfg if prior_cfg is None else prior_cfg
@@ -347,6 +353,7 @@ class Pipeline:
                     raise
                 raise DisconError("the prior produced non-finite logits (NaN/inf): its weights "
                                   "are corrupt or diverged, or the precision overflowed") from None
+        if self.prior is not None:
             codes = self.prior.codebook_size
             if discrete.numel() and (discrete.min() < 0 or discrete.max() >= codes):
                 raise DisconError(f"the prior produced token ids outside [0, {codes}); its "

@@ -47,6 +47,7 @@ ENTRY_FIELDS = {
     "params": dict,
     "checkpoint": (dict, type(None)),
     "sampling": dict,
+    "classes": (list, str),  # class names (index = id) or a dataset's: `classes: fashion-mnist`
 }
 CHECKPOINT_FIELDS = {"file": str, "url": (str, type(None)), "sha256": (str, type(None)),
                      "note": str}
@@ -74,11 +75,14 @@ class Preset:
     sampling: dict[str, Any] = field(default_factory=dict)
     description: str = ""
     source: str = "<plugin default>"
+    classes: list[str] | str = field(default_factory=list)
 
     def as_dict(self) -> dict[str, Any]:
         out: dict[str, Any] = {"kind": self.kind, "name": self.name, "factory": self.factory,
                                "description": self.description, "source": self.source,
                                "params": self.params, "sampling": self.sampling}
+        if self.classes:
+            out["classes"] = self.classes
         if self.checkpoint is not None:
             out["checkpoint"] = {k: v for k, v in vars(self.checkpoint).items() if v is not None}
         return out
@@ -223,8 +227,10 @@ def resolve(kind: str, name: str) -> Preset:
     sampling: dict[str, Any] = {}
     factory = description = ""
     checkpoint: CheckpointSource | None = None
+    classes: list[str] | str = []
     for entry, _src in reversed(chain):  # root first, the named entry last
         factory = entry.get("factory", factory)
+        classes = entry.get("classes", classes)
         description = entry.get("description", description)
         params.update(copy.deepcopy(entry.get("params", {})))
         sampling.update(copy.deepcopy(entry.get("sampling", {})))
@@ -232,7 +238,8 @@ def resolve(kind: str, name: str) -> Preset:
             ck = entry["checkpoint"]
             checkpoint = CheckpointSource(**ck) if ck is not None else None
     return Preset(kind=kind, name=name, factory=factory, params=params, checkpoint=checkpoint,
-                  sampling=sampling, description=description, source=chain[0][1])
+                  sampling=sampling, description=description, source=chain[0][1],
+                  classes=classes)
 
 
 def list_components(kind: str | None = None) -> dict[str, list[dict[str, str]]]:
@@ -376,5 +383,6 @@ def build(kind: str, name: str, *, checkpoint: str | os.PathLike | None = None,
         module.to(dtype=dtype)
     module.discon_preset = Preset(kind=kind, name=name, factory=preset.factory, params=params,
                                   checkpoint=preset.checkpoint, sampling=preset.sampling,
-                                  description=preset.description, source=preset.source)
+                                  description=preset.description, source=preset.source,
+                                  classes=preset.classes)
     return module
