@@ -51,7 +51,7 @@ def _section(raw: Mapping, key: str) -> dict:
 SECTION_TYPES = {
     "cache": {"shard_size": int, "batch_size": int},
     "ctok": {"preset": str, "normalize": str, "stats_items": int},
-    "dtok": {"preset": str}, "prior": {"preset": str},
+    "dtok": {"preset": str}, "prior": {"preset": str, "overrides": dict},
     "sample": {"rows": int, "seed": int, "ar_steps": int, "prior_cfg": float,
                "prior_temperature": float, "cfg_scale": float, "temperature": float},
 }
@@ -210,7 +210,9 @@ def run_study(config: str | Path, overrides: list[str] = ()) -> Path:
                  data=data_cache, upstream_changed=not complete and
                  (out / "discon" / LAST).exists())
     _train_stage("prior", out, base, _section(prior, "train"), recipe="prior",
-                 components={"prior": prior["preset"], "dtok": dtok["preset"]},
+                 components={"prior": {"preset": prior["preset"],
+                                           "overrides": prior.get("overrides") or {}},
+                             "dtok": dtok["preset"]},
                  data=data_cache, upstream_changed=not complete and
                  (out / "prior" / LAST).exists())
 
@@ -218,7 +220,8 @@ def run_study(config: str | Path, overrides: list[str] = ()) -> Path:
     _say("sample: prior -> backbone+head -> decoder")
     trained = {kind: component_spec(discon[kind], kind) for kind in ("backbone", "head")}
     pipe = Pipeline(
-        prior=build("prior", prior["preset"], checkpoint=out / "prior" / LAST, device=device),
+        prior=build("prior", prior["preset"], checkpoint=out / "prior" / LAST, device=device,
+                    **(prior.get("overrides") or {})),
         dtok=build("dtok", dtok["preset"], checkpoint=dtok_ckpt, device=device),
         **{kind: build(kind, s["preset"], checkpoint=out / "discon" / LAST, device=device,
                        **s["overrides"]) for kind, s in trained.items()},

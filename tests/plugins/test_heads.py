@@ -206,3 +206,34 @@ def test_eps_error_at_t999_throws_the_first_step_off_scale():
 
     assert first_step_std("100") > 20.0
     assert 0.8 < first_step_std("ddim100") < 1.3
+
+
+@pytest.mark.slow
+def test_briefly_trained_tiny_head_samples_at_the_data_scale():
+    # The regression test the issue asked for: a head of the tiny preset's size, trained briefly
+    # on a conditional distribution, must sample tokens at the data's scale (std ~1 per
+    # dimension, as normalized latents), not thousands (what "100" spacing gave at CPU scale).
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(0)
+    head = build("head", "discon-tiny", decoder_embed_dim=32, vae_embed_dim=4, diffloss_w=64)
+    centers = torch.randn(8, 4, generator=g)  # 8 conditions -> their token means
+    cond = torch.randn(8, 32, generator=g)
+    opt = torch.optim.AdamW(head.parameters(), lr=2e-3)
+    for _ in range(300):
+        k = torch.randint(0, 8, (256,), generator=g)
+        target = centers[k] + 0.5 * torch.randn(256, 4, generator=g)
+        loss = head.loss(target, cond[k], generator=g).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    head.eval()
+    k = torch.arange(8).repeat(64)
+    with torch.no_grad():
+        x = head.sample(cond[k], generator=torch.Generator().manual_seed(1))
+    data = centers[k] + 0.5 * torch.randn(len(k), 4, generator=g)
+    assert torch.isfinite(x).all()
+    assert 0.6 < float(x.std()) / float(data.std()) < 1.5
+    assert float(x.abs().max()) < 10 * float(data.abs().max())
+    # and the per-condition means are learned (the head uses z)
+    means = torch.stack([x[k == i].mean(0) for i in range(8)])
+    assert float((means - centers).norm(dim=1).mean()) < 0.5 * float(centers.norm(dim=1).mean())
