@@ -209,6 +209,22 @@ def render(study) -> str:
             w(f"| {p} | {fmt(b[p]['images_per_s'], 1)} | {fmt(b[p]['final_loss'], 4)} |")
         w(f"\nbf16 / fp32 speed: {fmt(b['speedup'])}x.\n")
 
+    # -- the embedded default (discon run) --------------------------------------------------
+    card = sorted(RESULTS_MD.parent.glob("results/default_model/*.json"))
+    if card and not study.cfg["out"].endswith("_quick"):
+        w("### The embedded default of `discon run` (model card figures)\n")
+        w("`discon sample` of the shipped pipeline and of its prior's tokens through the dtok "
+          "(same seed, hence the same tokens), scored by `discon eval --ref fashion-mnist:test` "
+          "(commands in docs/default_model.md).\n")
+        w("| pipeline | N | FID | KID | IS | precision | recall | class acc. |")
+        w("|---|---|---|---|---|---|---|---|")
+        for path in card:
+            r = json.loads(path.read_text())
+            w(f"| {path.stem} | {r['N']:,} | {fmt(r.get('fid'))} | {fmt(r.get('kid'), 4)} | "
+              f"{fmt(r.get('isc'))} | {fmt(r.get('precision'), 3)} | {fmt(r.get('recall'), 3)} | "
+              f"{fmt(r.get('class_accuracy'), 3)} |")
+        w("")
+
     # -- the claims -----------------------------------------------------------------------
     w("### The paper's claims at this scale\n")
     for line in claims(rows, table2, table3, mars, discons, best_prior, cfg):

@@ -451,6 +451,9 @@ def _add_eval(sub) -> None:
         p.add_argument(f"--{kind}-checkpoint", default="pretrained", metavar="PATH")
     p.add_argument("--ctok-latents-stats", default=None, metavar="PATH",
                    help="latents_stats override of the ctok (e.g. a study's cache/latents_stats.pt)")
+    p.add_argument("--grid", default=None, metavar="PNG",
+                   help="with --reconstruct: also save the first 10 reference images (top row) "
+                        "and their reconstructions (bottom row)")
     add_device_option(p)
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_eval)
@@ -477,8 +480,19 @@ def _cmd_eval(args) -> int:
         ckpt = getattr(args, f"{kind}_checkpoint")
         tok = build(kind, getattr(args, kind), checkpoint=None if ckpt == "none" else ckpt,
                     device=device, **extra)
+        if args.grid:
+            check_output_dir(os.path.dirname(os.path.abspath(args.grid)), what="--grid folder")
         gen, psnr = metrics.reconstruct(tok, ref, device=device, batch_size=args.batch_size,
                                         progress=not args.no_progress)
+        if args.grid:
+            import torch
+
+            from .images import save_grid
+            pair = torch.stack([ref.images[i] for i in range(10)] +
+                               [gen.images[i] for i in range(10)]).float() / 255
+            print(f"wrote {save_grid(pair, args.grid, nrow=10, upscale=_upscale(pair))}")
+    elif args.grid:
+        raise DisconError("--grid shows reconstructions: use it with --reconstruct")
     elif args.generated is None:
         raise DisconError("give GENERATED (images to score) or --reconstruct with --dtok/--ctok")
     else:
