@@ -105,8 +105,7 @@ def check_presets(cfg: dict) -> None:
     def meta(kind, spec):
         return build(kind, spec["preset"], device="meta", **spec.get("overrides", {}))
 
-    dtok = next(n for n, c in cfg["caches"].items())
-    dtok = cfg["caches"][dtok]["dtok"]
+    dtok = next(iter(cfg["caches"].values()))["dtok"]  # the ids every prior is trained on
     for name, c in cfg["continuous"].items():
         cache = cfg["caches"][c["cache"]]
         spec = {"preset": c["backbone"], "overrides": c.get("overrides", {})}
@@ -173,8 +172,24 @@ class Study:
                **copy.deepcopy(block), **fields}
         return TrainConfig.from_dict(raw, where=f"study stage {fields['out']}")
 
+    # settings a finished stage may change and still be continued (more steps) or re-logged
+    FREE_KEYS = {"steps", "epochs", "progress", "ckpt_every", "keep_every", "log_every",
+                 "sample_every", "num_samples", "device", "num_workers"}
+
     def _train(self, cfg: TrainConfig) -> Path:
+        """Train (or continue) one stage; a stage folder trained with other settings is refused,
+        naming them (the trainer itself only guards what breaks an exact resume)."""
         from discon_core.train import train
+        saved = Path(cfg.out) / "config.yaml"
+        if saved.is_file():
+            old, new = load_yaml(saved), json.loads(json.dumps(cfg.as_dict(), default=str))
+            diff = {k: (old.get(k), new.get(k)) for k in sorted(set(old) | set(new))
+                    if k not in self.FREE_KEYS and old.get(k) != new.get(k)}
+            if diff:
+                raise DisconError(f"{cfg.out} was trained with other settings ("
+                                  + "; ".join(f"{k}: {a!r} there, {b!r} now"
+                                              for k, (a, b) in diff.items())
+                                  + "); restore them or delete the folder to retrain")
         return train(cfg, resume="auto")
 
     def _ctok_overrides(self, cache: str) -> dict:
@@ -575,10 +590,9 @@ class Study:
         ext = metrics.get_extractor("fmnist", self.device)
         ref = metrics.load_input("fashion-mnist:test")
         rec, psnr = metrics.reconstruct(tok, ref, device=self.device, batch_size=250)
+        rec.labels = ref.labels  # class accuracy of the reconstructions
         row = metrics.compute(rec, ref, ext, ["fid", "kid"], device=self.device, batch_size=250)
-        rec_labels = metrics.EvalInput("rec", images=rec.images, labels=ref.labels)
-        acc = metrics.compute(rec_labels, ref, ext, ["fid"], device=self.device)["class_accuracy"]
-        self.write(f"eval:rfid:{name}", {**row, "psnr": psnr, "class_accuracy": acc,
+        self.write(f"eval:rfid:{name}", {**row, "psnr": psnr,
                                          "settings": {"tokenizer": name, "preset": t["preset"],
                                                       "steps": t["train"]["steps"]},
                                          "params": n_params(tok)})

@@ -117,6 +117,7 @@ def _add_config_options(p, example: str) -> None:
     p.add_argument("--seed", type=int, help="overrides the config's seed")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=f"override a config key (dotted, YAML value), e.g. --set {example}")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
 
 
 def _config_overrides(args) -> list[str]:
@@ -145,7 +146,8 @@ def _cmd_train(args) -> int:
 
     if args.resume and args.overwrite:
         raise DisconError("--resume and --overwrite exclude each other")
-    path = train(TrainConfig.load(args.config, _config_overrides(args)), resume=args.resume,
+    extra = ["progress=false"] if args.no_progress else []
+    path = train(TrainConfig.load(args.config, _config_overrides(args) + extra), resume=args.resume,
                  overwrite=args.overwrite)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"checkpoint: {path}")

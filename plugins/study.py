@@ -245,7 +245,9 @@ def run_study(config: str | Path, overrides: list[str] = ()) -> Path:
 
 def _cmd_study(args) -> int:
     from discon_core.cli import _config_overrides
-    print(f"samples: {run_study(args.config, _config_overrides(args))}")
+    quiet = [f"{stage}.train.progress=false" for stage in ("dtok", "ctok", "discon", "prior")
+             if args.no_progress]
+    print(f"samples: {run_study(args.config, _config_overrides(args) + quiet)}")
     return 0
 
 

@@ -384,7 +384,7 @@ def test_nonfinite_discrete_decoder_and_images():
     (["--num", "-5"], ["--num"]),
     (["--labels", ""], ["--labels is empty"]),
     (["--labels", ","], ["--labels is empty"]),
-    (["--labels", "a,b"], ["--labels must be comma-separated integers"]),
+    (["--labels", "a,b"], ["--labels: unknown class 'a'"]),
     (["--batch-size", "0"], ["--batch-size"]),
 ])
 def test_run_sizes(capsys, tmp_path, no_sampling, args, needles):
