@@ -298,6 +298,8 @@ class Study:
                      lambda s=s: self.eval_prior_alone(best_prior, 0, ev["sweep_num"], s),
                      deps=[f"prior:{best_prior}"], settings={"cfg": s, "n": ev["sweep_num"]})
         cfg_deps = [f"eval:prior_cfg:{best_prior}:{s}" for s in ev["prior_cfg_sweep"]]
+        # the guidance a sweep chose is part of what its dependants were made with
+        psw, msw = {"prior_sweep": ev["prior_cfg_sweep"]}, {"mar_sweep": ev["mar_cfg_sweep"]}
         # MAR guidance, chosen on the smallest MAR at 64 steps
         for s in ev["mar_cfg_sweep"]:
             self.add(f"eval:mar_cfg:{mars[0]}:{s}",
@@ -305,42 +307,20 @@ class Study:
                                                 cfg_scale=s, ar_steps=64),
                      deps=[f"cont:{mars[0]}"], settings={"cfg": s, "n": ev["sweep_num"]})
         mar_deps = [f"eval:mar_cfg:{mars[0]}:{s}" for s in ev["mar_cfg_sweep"]]
-        # prior samples: every prior, headline seeds, N = num (+ sweep_num for the figures)
-        for p in cfg["priors"]:
-            for seed in ev["seeds"]:
-                self.add(f"tokens:{p}:{seed}:{ev['num']}",
-                         lambda p=p, seed=seed: self.make_tokens(p, seed, ev["num"]),
-                         deps=[f"prior:{p}"] + cfg_deps, settings={"n": ev["num"]})
-                # Table 3: the prior alone (its tokens through the discrete decoder)
-                self.add(f"eval:table3:{p}:dtok:{seed}",
-                         lambda p=p, seed=seed: self.eval_prior_tokens(p, seed, ev["num"]),
-                         deps=[f"tokens:{p}:{seed}:{ev['num']}"], settings={"n": ev["num"]})
-                for d in discons:
-                    self.add(f"eval:table3:{p}:{d}:{seed}",
-                             lambda p=p, d=d, seed=seed: self.eval_cont(d, p, seed, ev["num"]),
-                             deps=[f"tokens:{p}:{seed}:{ev['num']}", f"cont:{d}"],
-                             settings={"n": ev["num"]})
-        # Table 2: MAR at 64 steps (its best guidance) vs DisCon at 16 steps (+ the prior)
-        for m in mars:
-            for seed in ev["seeds"]:
-                self.add(f"eval:table2:{m}:{seed}",
-                         lambda m=m, seed=seed: self.eval_cont(m, None, seed, ev["num"],
-                                                               ar_steps=64,
-                                                               cfg_scale=self.best("mar_cfg")),
-                         deps=[f"cont:{m}"] + mar_deps, settings={"n": ev["num"]})
+        # MAR's head temperature at its best guidance; DisCon's on the smallest DisCon (Figure 7)
+        s_mar, s_dis = mars[0], discons[0]
+        tsw = {"temperature_sweep": ev["temperature_sweep"]}
+        for t in ev["temperature_sweep"]:
+            self.add(f"eval:mar_temp:{s_mar}:{t}",
+                     lambda t=t: self.eval_cont(s_mar, None, 0, ev["sweep_num"], ar_steps=64,
+                                                cfg_scale=self.best("mar_cfg", "cfg_scale"),
+                                                temperature=t),
+                     deps=[f"cont:{s_mar}"] + mar_deps, settings={"t": t, **msw})
+        mar_deps += [f"eval:mar_temp:{s_mar}:{t}" for t in ev["temperature_sweep"]]
+        msw = {**msw, **tsw}
         sweep_tokens = f"tokens:{best_prior}:0:{ev['sweep_num']}"
         self.add(sweep_tokens, lambda: self.make_tokens(best_prior, 0, ev["sweep_num"]),
-                 deps=[f"prior:{best_prior}"] + cfg_deps, settings={"n": ev["sweep_num"]})
-        # Figure 6: FID vs AR steps, MAR and DisCon of the smallest size
-        s_mar, s_dis = mars[0], discons[0]
-        for k in ev["ar_steps_sweep"]:
-            self.add(f"eval:fig6:{s_dis}:{k}",
-                     lambda k=k: self.eval_cont(s_dis, best_prior, 0, ev["sweep_num"], ar_steps=k),
-                     deps=[sweep_tokens, f"cont:{s_dis}"], settings={"k": k})
-            self.add(f"eval:fig6:{s_mar}:{k}",
-                     lambda k=k: self.eval_cont(s_mar, None, 0, ev["sweep_num"], ar_steps=k,
-                                                cfg_scale=self.best("mar_cfg")),
-                     deps=[f"cont:{s_mar}"] + mar_deps, settings={"k": k})
+                 deps=[f"prior:{best_prior}"] + cfg_deps, settings={"n": ev["sweep_num"], **psw})
         # Figure 7: FID vs head temperature, the two continuous tokenizers
         kl = [n for n, c in conts.items() if self._has_cond(c) and c["cache"] != self._id_cache()]
         for d in [s_dis] + kl:
@@ -348,43 +328,98 @@ class Study:
                 self.add(f"eval:fig7:{d}:{t}",
                          lambda d=d, t=t: self.eval_cont(d, best_prior, 0, ev["sweep_num"],
                                                          temperature=t),
-                         deps=[sweep_tokens, f"cont:{d}"], settings={"t": t})
+                         deps=[sweep_tokens, f"cont:{d}"], settings={"t": t, **psw})
+        dis_deps = [f"eval:fig7:{s_dis}:{t}" for t in ev["temperature_sweep"]]
+        dsw = {**psw, **tsw}
+
+        def mar_kw() -> dict:    # MAR rows: all tokens in 64 steps, its chosen guidance + temp.
+            return {"ar_steps": 64, "cfg_scale": self.best("mar_cfg", "cfg_scale"),
+                    "temperature": self.best(f"mar_temp__{s_mar}", "temperature")}
+
+        def dis_kw() -> dict:    # DisCon rows: the temperature chosen on the smallest DisCon
+            return {"temperature": self.best(f"fig7__{s_dis}", "temperature")}
+
+        # prior samples: every prior, headline seeds, N = num (+ sweep_num for the figures)
+        for p in cfg["priors"]:
+            for seed in ev["seeds"]:
+                self.add(f"tokens:{p}:{seed}:{ev['num']}",
+                         lambda p=p, seed=seed: self.make_tokens(p, seed, ev["num"]),
+                         deps=[f"prior:{p}"] + cfg_deps, settings={"n": ev["num"], **psw})
+                # Table 3: the prior alone (its tokens through the discrete decoder)
+                self.add(f"eval:table3:{p}:dtok:{seed}",
+                         lambda p=p, seed=seed: self.eval_prior_tokens(p, seed, ev["num"]),
+                         deps=[f"tokens:{p}:{seed}:{ev['num']}"], settings={"n": ev["num"], **psw})
+                for d in discons:
+                    self.add(f"eval:table3:{p}:{d}:{seed}",
+                             lambda p=p, d=d, seed=seed: self.eval_cont(d, p, seed, ev["num"],
+                                                                        **dis_kw()),
+                             deps=[f"tokens:{p}:{seed}:{ev['num']}", f"cont:{d}"] + dis_deps,
+                             settings={"n": ev["num"], **dsw})
+        # Table 2: MAR at 64 steps (its best guidance and temperature) vs DisCon at 16 steps
+        for m in mars:
+            for seed in ev["seeds"]:
+                self.add(f"eval:table2:{m}:{seed}",
+                         lambda m=m, seed=seed: self.eval_cont(m, None, seed, ev["num"],
+                                                               **mar_kw()),
+                         deps=[f"cont:{m}"] + mar_deps, settings={"n": ev["num"], **msw})
+        # Figure 6: FID vs AR steps, MAR and DisCon of the smallest size
+        for k in ev["ar_steps_sweep"]:
+            self.add(f"eval:fig6:{s_dis}:{k}",
+                     lambda k=k: self.eval_cont(s_dis, best_prior, 0, ev["sweep_num"],
+                                                **{**dis_kw(), "ar_steps": k}),
+                     deps=[sweep_tokens, f"cont:{s_dis}"] + dis_deps, settings={"k": k, **dsw})
+            self.add(f"eval:fig6:{s_mar}:{k}",
+                     lambda k=k: self.eval_cont(s_mar, None, 0, ev["sweep_num"],
+                                                **{**mar_kw(), "ar_steps": k}),
+                     deps=[f"cont:{s_mar}"] + mar_deps, settings={"k": k, **msw})
         # Figure 8: FID vs training progress (the kept checkpoints)
         ct = cfg["continuous_train"]
         keep = ct.get("keep_every") or ct["steps"]
         for step in range(keep, ct["steps"] + 1, keep):
-            for m in (s_mar, s_dis):
-                self.add(f"eval:fig8:{m}:{step}",
-                         lambda m=m, step=step: self.eval_cont(
-                             m, None if m == s_mar else best_prior, 0, ev["sweep_num"],
-                             step=step, ar_steps=64 if m == s_mar else None,
-                             cfg_scale=self.best("mar_cfg") if m == s_mar else None),
-                         deps=[f"cont:{m}", sweep_tokens] + (mar_deps if m == s_mar else []),
-                         settings={"step": step})
+            self.add(f"eval:fig8:{s_mar}:{step}",
+                     lambda step=step: self.eval_cont(s_mar, None, 0, ev["sweep_num"], step=step,
+                                                      **mar_kw()),
+                     deps=[f"cont:{s_mar}"] + mar_deps, settings={"step": step, **msw})
+            self.add(f"eval:fig8:{s_dis}:{step}",
+                     lambda step=step: self.eval_cont(s_dis, best_prior, 0, ev["sweep_num"],
+                                                      step=step, **dis_kw()),
+                     deps=[f"cont:{s_dis}", sweep_tokens] + dis_deps,
+                     settings={"step": step, **dsw})
         # Figures 2 and 5: pictures
-        self.add("eval:figures", lambda: self.figures(discons[-1], best_prior),
-                 deps=[sweep_tokens, f"cont:{discons[-1]}"], settings={})
+        self.add("eval:figures", lambda: self.figures(discons[-1], best_prior, **dis_kw()),
+                 deps=[sweep_tokens, f"cont:{discons[-1]}"] + dis_deps, settings=dsw)
+        # where DisCon loses against the discrete decode: the same 1,000 test images through the
+        # dtok, the ctok, and DisCon completing their TRUE discrete tokens (no prior)
+        for d in discons:
+            self.add(f"eval:oracle:{d}", lambda d=d: self.eval_oracle(d, ev["num"], **dis_kw()),
+                     deps=[f"cont:{d}"] + dis_deps, settings={"n": ev["num"], **dsw})
         # the bf16 autocast measurement (images/s and final loss vs fp32, one stage)
-        self.add("eval:bf16_check", lambda: self.bf16_check(s_dis), deps=[f"cache:{self._id_cache()}"],
-                 settings={"steps": 300})
-        # Inception FID of the Table 2 rows (seed 0)
+        self.add("eval:bf16_check", lambda: self.bf16_check(s_dis),
+                 deps=[f"cache:{self._id_cache()}"], settings={"steps": 300})
+        # Inception FID of the largest MAR and DisCon (seed 0; ~1 image/s on this CPU)
         if ev.get("inception_num"):
-            for m in mars + discons:
-                self.add(f"eval:inception:{m}",
-                         lambda m=m: self.eval_cont(
-                             m, None if m in mars else best_prior, 0, ev["inception_num"],
-                             ar_steps=64 if m in mars else None,
-                             cfg_scale=self.best("mar_cfg") if m in mars else None,
-                             extractor="inception"),
-                         deps=[f"cont:{m}", sweep_tokens] + mar_deps,
-                         settings={"n": ev["inception_num"]})
+            n = ev["inception_num"]
+            self.add(f"eval:inception:{mars[-1]}",
+                     lambda: self.eval_cont(mars[-1], None, 0, n, extractor="inception",
+                                            **mar_kw()),
+                     deps=[f"cont:{mars[-1]}"] + mar_deps, settings={"n": n, **msw})
+            self.add(f"eval:inception:{discons[-1]}",
+                     lambda: self.eval_cont(discons[-1], best_prior, 0, n,
+                                            extractor="inception", **dis_kw()),
+                     deps=[f"cont:{discons[-1]}", f"tokens:{best_prior}:0:{ev['num']}"] + dis_deps,
+                     settings={"n": n, **dsw})
 
-    def best(self, sweep: str) -> float:
-        """The guidance scale with the lowest FID in a finished sweep."""
+    def discons(self) -> list[str]:
+        """The DisCon models on the first cache, smallest first (as configured)."""
+        return [n for n, c in self.cfg["continuous"].items()
+                if self._has_cond(c) and c["cache"] == self._id_cache()]
+
+    def best(self, sweep: str, key: str) -> float:
+        """The ``settings[key]`` with the lowest FID among the finished ``eval:<sweep>...`` rows."""
         rows = [json.loads(p.read_text()) for p in self.results.glob(f"eval__{sweep}__*.json")]
         if not rows:
             raise DisconError(f"the {sweep} sweep has no results in {self.results}")
-        return min(rows, key=lambda r: r["fid"])["settings"]["cfg_scale"]
+        return min(rows, key=lambda r: r["fid"])["settings"][key]
 
     def tokens_path(self, prior: str, seed: int, n: int) -> Path:
         return self.out / "tokens" / f"{prior}-seed{seed}-n{n}.pt"
@@ -420,7 +455,7 @@ class Study:
         return torch.cat(out), labels, (time.perf_counter() - t0) / n
 
     def make_tokens(self, p: str, seed: int, n: int) -> None:
-        cfg_scale = self.best("prior_cfg")
+        cfg_scale = self.best("prior_cfg", "cfg_scale")
         tokens, labels, sec = self.sample_prior(p, seed, n, cfg_scale)
         path = self.tokens_path(p, seed, n)
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -537,7 +572,7 @@ class Study:
                            "sec_per_img_continuous": sec})
 
     @torch.no_grad()
-    def figures(self, name: str, prior: str) -> None:
+    def figures(self, name: str, prior: str, temperature: float = 1.0) -> None:
         """Figure 2 (the same prior tokens: discrete decoder vs DisCon) and Figure 5 (one set of
         samples at 1, 4, 16, 32 AR steps), 2 images per class."""
         from discon_core import sample_tokens
@@ -551,13 +586,14 @@ class Study:
         for k in (1, 4, 16, 32):
             g = torch.Generator().manual_seed(0)
             x = sample_tokens(backbone, head, labels, cond=tokens.flatten(1), ar_steps=k,
-                              generator=g)
+                              temperature=temperature, generator=g)
             rows.append(ctok.decode(backbone.unpatchify(x)))
         save_grid(torch.cat([rows[0], rows[3]]), self.results / "fig2_discrete_vs_discon.png",
                   nrow=20, upscale=2)
         save_grid(torch.cat(rows[1:]), self.results / "fig5_ar_steps.png", nrow=20, upscale=2)
         self.write("eval:figures", {"files": ["fig2_discrete_vs_discon.png", "fig5_ar_steps.png"],
                                     "settings": {"model": name, "prior": prior, "images": 20,
+                                                 "temperature": temperature,
                                                  "fig5_ar_steps": [1, 4, 16, 32]}})
 
     def bf16_check(self, name: str) -> None:
@@ -581,6 +617,35 @@ class Study:
         self.write("eval:bf16_check", {"model": name, "steps": steps, **rows,
                                        "speedup": rows["bf16"]["images_per_s"]
                                        / rows["fp32"]["images_per_s"]})
+
+    @torch.no_grad()
+    def eval_oracle(self, name: str, n: int, temperature: float = 1.0) -> None:
+        """DisCon given the discrete tokens of real test images (an upper bound of what any
+        prior can give it), beside the two tokenizers' reconstructions of the same images."""
+        from discon_core import metrics, sample_tokens
+        ref = metrics.load_input("fashion-mnist:test")
+        idx = torch.arange(n) * (len(ref) // n)  # every (10000/n)-th test image
+        images = torch.stack([ref.images[int(i)] for i in idx]).float() / 255
+        labels = ref.labels[idx]
+        backbone, head, ctok = self.cont_modules(name)
+        dtok = self.dtok_module()
+        out = {}
+        ids = torch.cat([dtok.encode(images[i:i + 250]) for i in range(0, n, 250)])
+        out["dtok_reconstruction"] = self.score(
+            to_uint8(torch.cat([dtok.decode(ids[i:i + 250]) for i in range(0, n, 250)])), labels)
+        out["ctok_reconstruction"] = self.score(to_uint8(torch.cat(
+            [ctok.decode(ctok.encode(images[i:i + 250])) for i in range(0, n, 250)])), labels)
+        bs, rec = self.ev["batch_size"], []
+        for k in range(-(-n // bs)):
+            sl = slice(k * bs, (k + 1) * bs)
+            x = sample_tokens(backbone, head, labels[sl], cond=ids[sl].flatten(1), ar_steps=16,
+                              temperature=temperature, generator=torch.Generator().manual_seed(k))
+            rec.append(ctok.decode(backbone.unpatchify(x)))
+        out["discon_from_true_tokens"] = self.score(to_uint8(torch.cat(rec)), labels)
+        self.write(self._current, {"rows": {k: {m: v[m] for m in ("fid", "class_accuracy")}
+                                            for k, v in out.items()},
+                                   "N": n, "settings": {"model": name, "temperature": temperature,
+                                                        "ar_steps": 16}})
 
     @torch.no_grad()
     def eval_rfid(self, name: str) -> None:
@@ -614,12 +679,14 @@ class Study:
         comps = {
             "prior": {"module": prior, "extends": self.cfg["priors"][p]["preset"],
                       "params": self.cfg["priors"][p].get("overrides", {}),
-                      "sampling": {**_sampling(prior), "cfg_scale": self.best("prior_cfg")},
+                      "sampling": {**_sampling(prior), "cfg_scale": self.best("prior_cfg", "cfg_scale")},
                       "description": f"embedded default prior: stage prior:{p} of {where}"},
             "dtok": {"module": self.dtok_module(), "extends": toks[cache["dtok"]]["preset"],
                      "description": f"embedded default dtok: stage tok:{cache['dtok']} of {where}"},
             "backbone": {"module": backbone, "head": head, "extends": c["backbone"],
                          "head_extends": c["backbone"], "params": c.get("overrides", {}),
+                         "sampling": {**_sampling(backbone), "temperature": self.best(
+                             f"fig7__{next(iter(self.discons()))}", "temperature")},
                          "description": f"embedded default DisCon: stage cont:{name} of {where}"},
             "ctok": {"module": ctok, "extends": toks[cache["ctok"]]["preset"],
                      "description": f"embedded default ctok: stage tok:{cache['ctok']} of {where} "
@@ -663,6 +730,7 @@ class Study:
     def work(self, only: str | None = None) -> None:
         while True:
             todo, ready = self.runnable()
+            pending = list(todo)  # what other workers may be producing
             if only:
                 todo = [s for s in todo if s.startswith(only)]
                 ready = [s for s in ready if s.startswith(only)]
@@ -673,7 +741,7 @@ class Study:
                     break
             else:
                 if not ready and not any((self.out / ".locks" / s.replace(":", "__")).exists()
-                                         for s in todo):
+                                         for s in pending):
                     raise DisconError(f"stages {todo[:3]} wait on inputs nothing produces")
                 time.sleep(5)
                 continue
