@@ -27,7 +27,7 @@ def write_config(tmp_path: Path, **changes) -> Path:
             node = node[k]
         node[last] = value
     path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))  # cache order matters
     return path
 
 
@@ -84,6 +84,6 @@ def test_quick_profile_end_to_end(tmp_path, capsys):
     # a finished stage trained with other settings is refused, naming the difference
     cfg = yaml.safe_load(path.read_text())
     cfg["tokenizers"]["dtok"]["train"]["optimizer"]["lr"] = 5.0e-3
-    path.write_text(yaml.safe_dump(cfg))
+    path.write_text(yaml.safe_dump(cfg, sort_keys=False))  # cache order matters
     assert reproduce.main([str(path), "--quick", "--only", "tok:dtok"]) == 1
     assert "optimizer" in capsys.readouterr().err

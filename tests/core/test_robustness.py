@@ -443,7 +443,7 @@ def test_cache_values(capsys, tmp_path, args, needle):
 @pytest.mark.parametrize("labels", ["99", "-1", "0,10"])
 def test_run_labels_out_of_range(capsys, tmp_path, labels):
     out = tmp_path / "samples"
-    fails(capsys, [*DISCRETE, "--labels", labels, "--out", out], "labels must lie in [0, 10)")
+    fails(capsys, [*DISCRETE, "--labels", labels, "--out", out], "are outside [0, 10)")
     assert not list(out.glob("*.png"))
 
 
