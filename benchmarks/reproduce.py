@@ -404,7 +404,7 @@ class Study:
                                             **mar_kw()),
                      deps=[f"cont:{mars[-1]}"] + mar_deps, settings={"n": n, **msw})
             self.add(f"eval:inception:{discons[-1]}",
-                     lambda: self.eval_cont(discons[-1], best_prior, 0, n,
+                     lambda: self.eval_cont(discons[-1], best_prior, 0, n, from_n=ev["num"],
                                             extractor="inception", **dis_kw()),
                      deps=[f"cont:{discons[-1]}", f"tokens:{best_prior}:0:{ev['num']}"] + dis_deps,
                      settings={"n": n, **dsw})
@@ -529,7 +529,7 @@ class Study:
 
     @torch.no_grad()
     def generate(self, name, prior, seed, n, *, step=None, ar_steps=None, temperature=None,
-                 cfg_scale=None):
+                 cfg_scale=None, from_n=None):
         """Images of continuous model ``name`` (from ``prior``'s saved tokens for DisCon);
         returns uint8 images, labels, seconds per image of the continuous stage + decoder."""
         from discon_core import sample_tokens
@@ -541,8 +541,8 @@ class Study:
         cfg_scale = float(cfg_scale if cfg_scale is not None else 1.0)
         temperature = float(temperature if temperature is not None else 1.0)
         if prior is not None:
-            t = self.load_tokens(prior, seed, n)
-            labels, cond = t["labels"], t["tokens"].flatten(1)
+            t = self.load_tokens(prior, seed, from_n or n)  # from_n: the first n of a larger set
+            labels, cond = t["labels"][:n], t["tokens"][:n].flatten(1)
         else:
             labels, cond = balanced_labels(n, backbone.class_num), None
         bs, out = self.ev["batch_size"], []
@@ -565,7 +565,8 @@ class Study:
         images, labels, sec, settings, params = self.generate(name, prior, seed, n, **kw)
         ref_n = self.ev["inception_num"] if extractor == "inception" else None
         row = self.score(images, labels, extractor, ref_n=ref_n)
-        sec_prior = float(self.load_tokens(prior, seed, n)["sec_per_img"]) if prior else 0.0
+        sec_prior = (float(self.load_tokens(prior, seed, kw.get("from_n") or n)["sec_per_img"])
+                     if prior else 0.0)
         stage = self._current
         self.write(stage, {**row, "settings": settings, "params": params,
                            "sec_per_img": sec + sec_prior, "sec_per_img_prior": sec_prior,
