@@ -17,8 +17,8 @@ RESULTS_MD = Path(__file__).with_name("RESULTS.md")
 
 
 def load(results: Path) -> dict[str, dict]:
-    return {json.loads(p.read_text())["stage"]: json.loads(p.read_text())
-            for p in sorted(results.glob("eval__*.json"))}
+    rows = [json.loads(p.read_text()) for p in sorted(results.glob("eval__*.json"))]
+    return {r["stage"]: r for r in rows}
 
 
 def fmt(x, nd=2) -> str:
@@ -79,9 +79,7 @@ def render(study) -> str:
     rows = {k: v for k, v in load(res).items() if k in study.stages and study.is_done(k)}
     seeds = ev["seeds"]
     conts = cfg["continuous"]
-    mars = [n for n, c in conts.items() if not study._has_cond(c)]
-    discons = [n for n, c in conts.items() if study._has_cond(c)
-               and c["cache"] == study._id_cache()]
+    mars, discons = study.mars, study.discons
     best_prior = ev["prior"]
     import os
     base = res if study.cfg["out"].endswith("_quick") else RESULTS_MD.parent
@@ -199,11 +197,10 @@ def render(study) -> str:
                                                          lambda r: r["settings"]["ar_steps"]),
                f"{s_mar}": sweep(rows, f"eval:fig6:{s_mar}:", lambda r: r["settings"]["ar_steps"])},
               "AR steps", "Figure 6 analogue: FID vs AR steps", logx=True)
-    kl = [n for n, c in conts.items() if study._has_cond(c) and c["cache"] != study._id_cache()]
     f7 = plot(res / "fig7_fid_vs_temperature.png",
               {f"{d} ({cfg['caches'][conts[d]['cache']]['ctok']})":
                sweep(rows, f"eval:fig7:{d}:", lambda r: r["settings"]["temperature"])
-               for d in [s_dis] + kl},
+               for d in [s_dis] + study.other_ctok_discons},
               "head temperature", "Figure 7 analogue: FID vs temperature, two ctoks")
     per_epoch = 60000 / cfg["continuous_train"]["batch_size"]
     f8 = plot(res / "fig8_fid_vs_epochs.png",

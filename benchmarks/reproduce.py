@@ -145,6 +145,16 @@ class Study:
         self.seed = int(cfg.get("seed", 0))
         self.ev = cfg["eval"]
         self.stages: dict[str, Stage] = {}
+        self._extractors: dict[str, Any] = {}
+        self._references: dict[tuple, Any] = {}
+        # the continuous models by role (config order, smallest first): plain MAR, DisCon on the
+        # first cache (the ids the priors learn), DisCon on the other caches (Figure 7)
+        conts = cfg["continuous"]
+        self.mars = [n for n, c in conts.items() if not self._has_cond(c)]
+        self.discons = [n for n, c in conts.items() if self._has_cond(c)
+                        and c["cache"] == self._id_cache()]
+        self.other_ctok_discons = [n for n, c in conts.items() if self._has_cond(c)
+                                   and n not in self.discons]
         self._build_stages()
 
     # -- paths ---------------------------------------------------------------------------------
@@ -283,10 +293,7 @@ class Study:
     def _eval_stages(self) -> None:
         ev, cfg = self.ev, self.cfg
         best_prior = ev["prior"]
-        conts = cfg["continuous"]
-        mars = [n for n, c in conts.items() if not self._has_cond(c)]
-        discons = [n for n, c in conts.items() if self._has_cond(c)
-                   and c["cache"] == self._id_cache()]
+        mars, discons = self.mars, self.discons
         for name in cfg["tokenizers"]:
             self.add(f"eval:rfid:{name}", lambda name=name: self.eval_rfid(name),
                      deps=[f"tok:{name}"] + [f"cache:{c}" for c, v in cfg["caches"].items()
@@ -322,8 +329,7 @@ class Study:
         self.add(sweep_tokens, lambda: self.make_tokens(best_prior, 0, ev["sweep_num"]),
                  deps=[f"prior:{best_prior}"] + cfg_deps, settings={"n": ev["sweep_num"], **psw})
         # Figure 7: FID vs head temperature, the two continuous tokenizers
-        kl = [n for n, c in conts.items() if self._has_cond(c) and c["cache"] != self._id_cache()]
-        for d in [s_dis] + kl:
+        for d in [s_dis] + self.other_ctok_discons:
             for t in ev["temperature_sweep"]:
                 self.add(f"eval:fig7:{d}:{t}",
                          lambda d=d, t=t: self.eval_cont(d, best_prior, 0, ev["sweep_num"],
@@ -409,11 +415,6 @@ class Study:
                      deps=[f"cont:{discons[-1]}", f"tokens:{best_prior}:0:{ev['num']}"] + dis_deps,
                      settings={"n": n, **dsw})
 
-    def discons(self) -> list[str]:
-        """The DisCon models on the first cache, smallest first (as configured)."""
-        return [n for n, c in self.cfg["continuous"].items()
-                if self._has_cond(c) and c["cache"] == self._id_cache()]
-
     def best(self, sweep: str, key: str) -> float:
         """The ``settings[key]`` with the lowest FID among the finished ``eval:<sweep>...`` rows."""
         rows = [json.loads(p.read_text()) for p in self.results.glob(f"eval__{sweep}__*.json")]
@@ -466,16 +467,32 @@ class Study:
     def load_tokens(self, p: str, seed: int, n: int) -> dict:
         return torch.load(self.tokens_path(p, seed, n), weights_only=True)
 
+    def extractor(self, name: str):
+        """One instance per extractor for the whole process (Inception: a checked 87 MB file)."""
+        from discon_core import metrics
+        if name not in self._extractors:
+            self._extractors[name] = metrics.get_extractor(name, self.device)
+        return self._extractors[name]
+
+    def reference(self, n: int | None = None, extractor: str = "fmnist"):
+        """Fashion-MNIST test (or its first n images), read once per extractor (an input keeps
+        the features of the extractor that first scored it)."""
+        from discon_core import metrics
+        if (n, extractor) not in self._references:
+            ref = metrics.load_input("fashion-mnist:test")
+            if n:  # a fixed subset of the test set (Inception on this CPU: seconds per image)
+                ref = metrics.EvalInput(f"fashion-mnist:test[:{n}]",
+                                        images=metrics.TensorImages(ref.images.images[:n]),
+                                        cache_key=f"fashion-mnist-test-first{n}-32px")
+            self._references[n, extractor] = ref
+        return self._references[n, extractor]
+
     def score(self, images: torch.Tensor, labels: torch.Tensor, extractor: str = "fmnist",
               ref_n: int | None = None) -> dict:
         from discon_core import metrics
-        ext = metrics.get_extractor(extractor, self.device)
+        ext = self.extractor(extractor)
         gen = metrics.EvalInput("generated", images=metrics.TensorImages(images), labels=labels)
-        ref = metrics.load_input("fashion-mnist:test")
-        if ref_n:  # a fixed subset of the test set (Inception on this CPU: seconds per image)
-            ref = metrics.EvalInput(f"fashion-mnist:test[:{ref_n}]",
-                                    images=metrics.TensorImages(ref.images.images[:ref_n]),
-                                    cache_key=f"fashion-mnist-test-first{ref_n}-32px")
+        ref = self.reference(ref_n, extractor)
         names = ["fid", "kid", "isc", "prc"] if ext.num_classes else ["fid", "kid", "prc"]
         return metrics.compute(gen, ref, ext, names, device=self.device,
                                kid_subset_size=min(1000, len(images)), batch_size=250)
@@ -624,7 +641,7 @@ class Study:
         """DisCon given the discrete tokens of real test images (an upper bound of what any
         prior can give it), beside the two tokenizers' reconstructions of the same images."""
         from discon_core import metrics, sample_tokens
-        ref = metrics.load_input("fashion-mnist:test")
+        ref = self.reference()
         idx = torch.arange(n) * (len(ref) // n)  # every (10000/n)-th test image
         images = torch.stack([ref.images[int(i)] for i in idx]).float() / 255
         labels = ref.labels[idx]
@@ -653,8 +670,7 @@ class Study:
         from discon_core import metrics
         t = self.cfg["tokenizers"][name]
         tok = self.build(t["kind"], t["preset"], self.tok_ckpt(name))
-        ext = metrics.get_extractor("fmnist", self.device)
-        ref = metrics.load_input("fashion-mnist:test")
+        ext, ref = self.extractor("fmnist"), self.reference()
         rec, psnr = metrics.reconstruct(tok, ref, device=self.device, batch_size=250)
         rec.labels = ref.labels  # class accuracy of the reconstructions
         row = metrics.compute(rec, ref, ext, ["fid", "kid"], device=self.device, batch_size=250)
@@ -687,7 +703,7 @@ class Study:
             "backbone": {"module": backbone, "head": head, "extends": c["backbone"],
                          "head_extends": c["backbone"], "params": c.get("overrides", {}),
                          "sampling": {**_sampling(backbone), "temperature": self.best(
-                             f"fig7__{next(iter(self.discons()))}", "temperature")},
+                             f"fig7__{self.discons[0]}", "temperature")},
                          "description": f"embedded default DisCon: stage cont:{name} of {where}"},
             "ctok": {"module": ctok, "extends": toks[cache["ctok"]]["preset"],
                      "description": f"embedded default ctok: stage tok:{cache['ctok']} of {where} "

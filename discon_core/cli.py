@@ -10,6 +10,7 @@ import json
 import logging
 import os
 import sys
+import time
 
 import yaml
 
@@ -19,7 +20,7 @@ from .interfaces import KINDS
 from .runtime import DEVICES, check_output_dir, output_dir, resolve_device  # noqa: F401
 
 MAX_RUN_IMAGES = 50_000  # an FID-50k set; run keeps every image in memory
-_PROCESS_START = __import__("time").time()  # `discon run` reports the time since start
+_PROCESS_START = time.time()  # fallback of _since_start where /proc is absent
 
 
 def add_device_option(p, default: str | None = "auto") -> None:
@@ -295,8 +296,6 @@ def _parse_steps_sweep(text: str | None) -> list[int]:
 
 
 def _cmd_run(args) -> int:
-    import time
-
     import torch
 
     from .images import save_grid, save_images
@@ -350,9 +349,8 @@ def _cmd_run(args) -> int:
             wrote.append(str(save_grid(discrete, f"{args.out}/grid_discrete.png", nrow=nrow,
                                        upscale=_upscale(images))))
         if sweep:
-            rows = []
-            for k in sweep:  # the same tokens (first row of images) completed in k steps
-                t = tokens[0][:nrow or 8]
+            rows, t = [], tokens[0][:nrow or 8]  # the first row's tokens, completed in k steps
+            for k in sweep:
                 g = torch.Generator(device=device).manual_seed(args.seed)
                 rows.append(pipe.generate(labels[:len(t)], discrete=t, ar_steps=k, generator=g,
                                           cfg_scale=args.cfg_scale, temperature=args.temperature,
@@ -375,7 +373,6 @@ def _upscale(images) -> int:
 
 def _since_start() -> float:
     """Seconds since this process started (Linux: from /proc, Python start-up included)."""
-    import time
     try:
         ticks = int(open("/proc/self/stat").read().rsplit(")", 1)[1].split()[19])
         uptime = float(open("/proc/uptime").read().split()[0])

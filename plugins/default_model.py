@@ -65,7 +65,8 @@ def fold_latent_stats(ctok) -> dict[str, torch.Tensor]:
 
 def export(components: dict[str, dict[str, Any]], *, description: str) -> dict[str, str]:
     """Write the default pipeline: ``components`` maps a kind (prior, dtok, backbone, ctok) to
-    ``{module, extends, sampling?, file_state?}``; returns file -> sha256.
+    ``{module, extends, description, params?, sampling?}`` (the backbone also ``head`` and
+    ``head_extends``); returns file -> sha256.
 
     ``module`` is the trained, loaded component (its state dict is stored in fp16; a ``ctok``
     gets its latent statistics folded in), ``extends`` the preset it was built from."""
