@@ -27,7 +27,7 @@ import torch
 
 from discon_core import build, sample_tokens
 from discon_core.cache import CachedDataset, build_cache, collate_cached
-from discon_core.recipes import DisconObjective
+from discon_plugins.recipes import DisconObjective
 from discon_core.train import TrainConfig, train
 
 MODES = {  # name -> (backbone overrides, recipe_options)

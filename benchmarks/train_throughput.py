@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from discon_core import build  # noqa: E402
 from discon_core.objectives import masked_ar_loss  # noqa: E402
-from discon_core.recipes import Recipe, _mar_no_decay  # noqa: E402
+from discon_core.recipes import Recipe
+from discon_plugins.recipes import _mar_no_decay  # noqa: E402
 from discon_core.train import TrainConfig, Trainer  # noqa: E402
 
 # Dense bf16 peaks (TFLOP/s) for MFU; CPU has none we can trust, so no MFU there.

@@ -3,7 +3,7 @@
     python benchmarks/train_tokenizer_cpu.py          # 3 min each: maskgit-vq-tiny, va-vae-tiny
     python benchmarks/train_tokenizer_cpu.py --minutes 10 --tokenizers va-vae-tiny ldm-kl-tiny
 
-Data: Fashion-MNIST (``discon_core.data.FashionMNIST``: 28x28 grey zero-padded to 32x32,
+Data: Fashion-MNIST (``discon_plugins.datasets.FashionMNIST``: 28x28 grey zero-padded to 32x32,
 replicated to RGB), train split for training, the first ``--eval`` test images for PSNR.
 Each tokenizer trains with its own ``training_loss`` (VQ: reconstruction + codebook +
 commitment with straight-through and dead-code restart; KL: L1 + kl_weight * KL) and AdamW,
@@ -26,7 +26,7 @@ import torch
 
 from discon_core import build
 from discon_core.checkpoints import save_atomic
-from discon_core.data import FashionMNIST
+from discon_plugins.datasets import FashionMNIST
 from discon_core.images import save_grid
 from discon_plugins.autoencoder import psnr
 from discon_plugins.kl_vae import compute_latents_stats, save_latents_stats

@@ -110,17 +110,20 @@ def build_cache(data: Mapping[str, Any], out: str | os.PathLike, *, dtok: str,
                 shard_size: int = 1000, batch_size: int = 64, device: str | None = None,
                 progress: bool = True) -> Path:
     """Pre-tokenize the dataset ``data`` (a :func:`discon_core.data.build_dataset` mapping) into
-    ``out``; resumable and torchrun-parallel. Returns the manifest path."""
+    ``out``; resumable and torchrun-parallel. Returns the manifest path.
+
+    Stages: plan (tokenizers, dataset, shard layout) and check it against an existing manifest;
+    each rank writes its missing shards; rank 0 gathers the sidecars into the final manifest."""
     from tqdm.auto import tqdm
 
     from .data import build_dataset
-    from .registry import build
     from .distributed import setup_distributed, teardown_distributed
+    from .registry import build
+    from .runtime import check_output_dir
 
     if shard_size <= 0 or batch_size <= 0:
         raise DisconError(f"shard_size and batch_size must be positive, got {shard_size}, "
                           f"{batch_size}")
-    from .runtime import check_output_dir
     out = check_output_dir(out, what="cache folder")
     rank, world, dev = setup_distributed(device)
     dataset = build_dataset(data)
@@ -130,13 +133,32 @@ def build_cache(data: Mapping[str, Any], out: str | os.PathLike, *, dtok: str,
     if not hasattr(ct, "encode_moments"):
         raise DisconError(f"ctok {ctok!r} has no encode_moments(); the cache stores raw "
                           "posterior moments (contract extension for continuous tokenizers)")
-    num_shards = math.ceil(len(dataset) / shard_size)
     plan = {"format": FORMAT, "complete": False,
             "dtok": component_record(dt, dtok_checkpoint),
             "ctok": component_record(ct, ctok_checkpoint),
             "data": dict(data), "num_items": len(dataset),
             "num_classes": int(dataset.num_classes), "shard_size": shard_size,
-            "num_shards": num_shards}
+            "num_shards": math.ceil(len(dataset) / shard_size)}
+    _start_manifest(out, plan, write=rank == 0)
+    mine = [k for k in range(rank, plan["num_shards"], world) if not _shard_done(out, k)]
+    done_before = len(range(rank, plan["num_shards"], world)) - len(mine)
+    if done_before:
+        log.info("rank %d: %d finished shards reused", rank, done_before)
+    bar = tqdm(total=sum(min(shard_size, len(dataset) - k * shard_size) for k in mine),
+               unit="img", desc=f"cache[{rank}]", disable=not progress or rank != 0)
+    for k in mine:
+        _write_shard(out, k, dataset, dt, ct, shard_size, batch_size, dev, bar)
+    bar.close()
+    if world > 1:
+        torch.distributed.barrier()
+    if rank == 0:
+        _finish_manifest(out, plan)
+    teardown_distributed()
+    return out / MANIFEST
+
+
+def _start_manifest(out: Path, plan: dict, *, write: bool) -> None:
+    """Refuse a folder cached with other tokenizers, data or sharding; else record the plan."""
     manifest_path = out / MANIFEST
     if manifest_path.is_file():
         old = read_json(manifest_path, "cache manifest")
@@ -152,66 +174,61 @@ def build_cache(data: Mapping[str, Any], out: str | os.PathLike, *, dtok: str,
             if old.get(key) != plan[key]:
                 raise DisconError(f"cache {out} was built with {key}={old.get(key)!r}, now "
                                   f"{plan[key]!r}; use another --out folder or delete {out}")
-    elif rank == 0:
+    elif write:
         _write_json_atomic(plan, manifest_path)
 
-    mine = [k for k in range(rank, num_shards, world) if not _shard_done(out, k)]
-    done_before = len(range(rank, num_shards, world)) - len(mine)
-    if done_before:
-        log.info("rank %d: %d finished shards reused", rank, done_before)
-    bar = tqdm(total=sum(min(shard_size, len(dataset) - k * shard_size) for k in mine),
-               unit="img", desc=f"cache[{rank}]", disable=not progress or rank != 0)
-    for k in mine:
-        lo, hi = k * shard_size, min(len(dataset), (k + 1) * shard_size)
-        parts: dict[str, list[torch.Tensor]] = {"index": [], "labels": [], "tokens": [],
-                                                 "moments": []}
-        skipped_before = dict(dataset.skipped)
-        for start in range(lo, hi, batch_size):
-            items = [(i, dataset.get(i, False)) for i in range(start, min(hi, start + batch_size))]
-            items = [(i, it) for i, it in items if it is not None]
-            bar.update(min(hi, start + batch_size) - start)
-            if not items:
-                continue
-            images = torch.stack([it[0] for _, it in items]).to(dev)
-            tokens, moments = encode_batch(images, dt, ct)
-            parts["index"].append(torch.tensor([i for i, _ in items], dtype=torch.int64))
-            parts["labels"].append(torch.tensor([it[1] for _, it in items], dtype=torch.int64))
-            parts["tokens"].append(tokens)
-            parts["moments"].append(moments)
-        if not parts["index"]:
-            raise DisconError(f"every image of shard {k} (items {lo}..{hi - 1}) is unreadable")
-        tensors = {name: torch.cat(v) for name, v in parts.items()}
-        path = out / f"{shard_name(k)}.safetensors"
-        _save_tensors_atomic(tensors, path)
-        skipped = {n: r for n, r in dataset.skipped.items() if n not in skipped_before}
-        _write_json_atomic({"count": int(tensors["index"].numel()), "items": [lo, hi],
-                            "sha256": sha256_of(path), "skipped": skipped},
-                           out / f"{shard_name(k)}.json")
-    bar.close()
-    if world > 1:
-        torch.distributed.barrier()
-    if rank == 0:
-        shards, skipped, count = [], {}, 0
-        for k in range(num_shards):
-            side = out / f"{shard_name(k)}.json"
-            if not side.is_file():
-                raise DisconError(f"cache {out}: shard {k} was not written by any rank; rerun")
-            rec = read_json(side, "cache shard sidecar")
-            shards.append({"file": f"{shard_name(k)}.safetensors", "count": rec["count"],
-                           "sha256": rec["sha256"]})
-            skipped.update(rec["skipped"])
-            count += rec["count"]
-        sample = load_shard(out / shards[0]["file"], shards[0]["sha256"])
-        manifest = {**plan, "complete": True, "count": count, "skipped": skipped,
-                    "grid": list(sample["tokens"].shape[-2:]),
-                    "latent_channels": int(sample["moments"].shape[2]) // 2,
-                    "shards": shards}
-        _write_json_atomic(manifest, manifest_path)
-        if skipped:
-            log.warning("cache %s: %d unreadable images skipped (listed in %s)", out,
-                        len(skipped), manifest_path)
-    teardown_distributed()
-    return manifest_path
+
+def _write_shard(out: Path, k: int, dataset, dt, ct, shard_size: int, batch_size: int, dev,
+                 bar) -> None:
+    """Encode items of shard ``k`` and write it with its sidecar (count, sha256, skipped)."""
+    lo, hi = k * shard_size, min(len(dataset), (k + 1) * shard_size)
+    parts: dict[str, list[torch.Tensor]] = {"index": [], "labels": [], "tokens": [],
+                                             "moments": []}
+    skipped_before = dict(dataset.skipped)
+    for start in range(lo, hi, batch_size):
+        items = [(i, dataset.get(i, False)) for i in range(start, min(hi, start + batch_size))]
+        items = [(i, it) for i, it in items if it is not None]
+        bar.update(min(hi, start + batch_size) - start)
+        if not items:
+            continue
+        images = torch.stack([it[0] for _, it in items]).to(dev)
+        tokens, moments = encode_batch(images, dt, ct)
+        parts["index"].append(torch.tensor([i for i, _ in items], dtype=torch.int64))
+        parts["labels"].append(torch.tensor([it[1] for _, it in items], dtype=torch.int64))
+        parts["tokens"].append(tokens)
+        parts["moments"].append(moments)
+    if not parts["index"]:
+        raise DisconError(f"every image of shard {k} (items {lo}..{hi - 1}) is unreadable")
+    tensors = {name: torch.cat(v) for name, v in parts.items()}
+    path = out / f"{shard_name(k)}.safetensors"
+    _save_tensors_atomic(tensors, path)
+    skipped = {n: r for n, r in dataset.skipped.items() if n not in skipped_before}
+    _write_json_atomic({"count": int(tensors["index"].numel()), "items": [lo, hi],
+                        "sha256": sha256_of(path), "skipped": skipped},
+                       out / f"{shard_name(k)}.json")
+
+
+def _finish_manifest(out: Path, plan: dict) -> None:
+    """Gather every shard's sidecar into the manifest and mark it complete."""
+    shards, skipped, count = [], {}, 0
+    for k in range(plan["num_shards"]):
+        side = out / f"{shard_name(k)}.json"
+        if not side.is_file():
+            raise DisconError(f"cache {out}: shard {k} was not written by any rank; rerun")
+        rec = read_json(side, "cache shard sidecar")
+        shards.append({"file": f"{shard_name(k)}.safetensors", "count": rec["count"],
+                       "sha256": rec["sha256"]})
+        skipped.update(rec["skipped"])
+        count += rec["count"]
+    sample = load_shard(out / shards[0]["file"], shards[0]["sha256"])
+    manifest = {**plan, "complete": True, "count": count, "skipped": skipped,
+                "grid": list(sample["tokens"].shape[-2:]),
+                "latent_channels": int(sample["moments"].shape[2]) // 2,
+                "shards": shards}
+    _write_json_atomic(manifest, out / MANIFEST)
+    if skipped:
+        log.warning("cache %s: %d unreadable images skipped (listed in %s)", out,
+                    len(skipped), out / MANIFEST)
 
 
 def _shard_done(out: Path, k: int) -> bool:

@@ -435,8 +435,8 @@ def _add_eval(sub) -> None:
                      "reference (or rFID + PSNR of a tokenizer with --reconstruct)")
     p.add_argument("generated", nargs="?", help="folder of images, discon sample folder, .npz "
                                                 "(arr_0) or statistics .npz (mu, sigma)")
-    p.add_argument("--ref", required=True, help="the same kinds, or fashion-mnist:test|train, "
-                                                "folder:PATH")
+    p.add_argument("--ref", required=True, help="the same kinds, DATASET:SPLIT (e.g. "
+                                                "fashion-mnist:test) or folder:PATH")
     p.add_argument("--extractor", default="fmnist", help="inception | fmnist (default fmnist)")
     p.add_argument("--metrics", default=None, help="comma-separated: fid,kid,isc,prc "
                                                    "(default: all the inputs allow)")

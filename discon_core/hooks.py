@@ -36,8 +36,8 @@ ENTRY_POINT_GROUP = "discon"
 DISABLE_ENV = "DISCON_DISABLE_PLUGINS"
 
 BUILTIN_PLUGINS = (
-    "discon_core.recipes",
-    "discon_core.data",
+    "discon_plugins.recipes",
+    "discon_plugins.datasets",
     "discon_core.cli",
     "discon_plugins.extractors",
     "discon_plugins.maskgit_vq",

@@ -3,8 +3,9 @@ implementations), class accuracy and PSNR, over any registered feature extractor
 
 An input is a folder of images, an ``.npz`` of images (ADM layout: ``arr_0`` uint8 NHWC,
 optional ``arr_1`` labels), an ``.npz`` of statistics (``mu``, ``sigma``: FID only), a folder
-written by ``discon sample`` (its ``samples.npz``), or a dataset split (``fashion-mnist:test``,
-``fashion-mnist:train``, ``folder:PATH``). Features of dataset references are computed once and
+written by ``discon sample`` (its ``samples.npz``), a registered dataset's split
+(``DATASET:SPLIT``, e.g. ``fashion-mnist:test``), or a flat folder of reference images
+(``folder:PATH``). Features of dataset references are computed once and
 cached under ``$DISCON_HOME/eval/`` keyed by dataset, extractor and preprocessing.
 
 The core knows only the extractor interface (see ``discon_plugins/extractors.py``): a module
@@ -25,6 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from . import hooks
 from .errors import DisconError, close_matches
 
 log = logging.getLogger(__name__)
@@ -59,8 +61,7 @@ def parse_metrics(text: str | None) -> list[str] | None:
 
 def get_extractor(name: str, device: torch.device | str = "cpu") -> torch.nn.Module:
     """Build the registered extractor ``name`` on ``device``."""
-    from .hooks import extractors
-    table = extractors()
+    table = hooks.extractors()
     if name not in table:
         raise DisconError(f"unknown extractor {name!r}; registered: {', '.join(sorted(table))}"
                           f"{close_matches(name, table)}")
@@ -96,6 +97,19 @@ class TensorImages(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> torch.Tensor:
         return self.images[i]
+
+
+class DatasetImages(torch.utils.data.Dataset):
+    """A registered dataset's images as uint8 (the evaluation's input format)."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return self.dataset.get(i)[0].mul(255).round_().to(torch.uint8)
 
 
 class FolderImages(torch.utils.data.Dataset):
@@ -181,14 +195,15 @@ def _folder_digest(path: Path) -> str:
 
 def load_input(spec: str) -> EvalInput:
     """An input from its command-line form (see the module doc)."""
-    if spec.startswith("fashion-mnist:"):
-        from .data import FashionMNIST
-        split = spec.split(":", 1)[1]
-        ds = FashionMNIST(split=split)
-        pad = ds.pad
-        images = torch.nn.functional.pad(ds.images, (pad,) * 4)[:, None].expand(-1, 3, -1, -1)
-        return EvalInput(spec, images=TensorImages(images.contiguous()), labels=ds.labels,
-                         cache_key=f"fashion-mnist-{split}-{ds.image_size}px")
+    kind, _, split = spec.partition(":")
+    if split and kind != "folder" and kind in hooks.datasets():
+        from .data import build_dataset
+        ds = build_dataset({"type": kind, "split": split})
+        labels = getattr(ds, "labels", None)
+        if labels is None:
+            labels = torch.tensor([ds.get(i)[1] for i in range(len(ds))])
+        return EvalInput(spec, images=DatasetImages(ds), labels=torch.as_tensor(labels),
+                         cache_key=f"{kind}-{split}-{getattr(ds, 'image_size', '')}px")
     if spec.startswith("folder:"):
         path = Path(spec.split(":", 1)[1])
         if not path.is_dir():
@@ -216,9 +231,9 @@ def load_input(spec: str) -> EvalInput:
         return inp
     if path.exists():
         raise DisconError(f"{spec}: expected a folder of images, an .npz (arr_0 images or mu/sigma "
-                          "statistics), fashion-mnist:test|train or folder:PATH")
-    raise DisconError(f"{spec} does not exist (a folder, an .npz, fashion-mnist:test|train or "
-                      "folder:PATH)")
+                          "statistics), DATASET:SPLIT (e.g. fashion-mnist:test) or folder:PATH")
+    raise DisconError(f"{spec} does not exist (a folder, an .npz, DATASET:SPLIT such as "
+                      "fashion-mnist:test, or folder:PATH)")
 
 
 # ------------------------------------------------------------------------------------------------

@@ -175,14 +175,14 @@ def recipe_classifier(cfg, device):
     images (``components: {classifier: {preset: fmnist-cnn, overrides: {...FmnistClassifier
     args}}}``)."""
     from discon_core.data import build_dataset, collate_images
-    from discon_core.recipes import Recipe, _plain_no_decay, component_spec
+    from discon_core.recipes import Recipe, component_spec, plain_no_decay
 
     spec = component_spec(cfg.components.get("classifier"), "classifier")
     if spec["preset"] != "fmnist-cnn":
         raise DisconError(f"components.classifier.preset must be fmnist-cnn, got {spec['preset']!r}")
     net = FmnistClassifier(**spec["overrides"])
     return Recipe("classifier", ClassifierObjective(net), build_dataset(cfg.data), collate_images,
-                  _plain_no_decay, to_file=lambda k: k[len("net."):],
+                  plain_no_decay, to_file=lambda k: k[len("net."):],
                   from_file=lambda k: "net." + k)
 
 
@@ -190,7 +190,7 @@ def recipe_classifier(cfg, device):
 def test_accuracy(extractor: nn.Module, split: str = "test", limit: int | None = None,
                   batch_size: int = 500) -> float:
     """Top-1 accuracy on Fashion-MNIST ``split`` through the extractor's uint8 path."""
-    from discon_core.data import FashionMNIST
+    from discon_plugins.datasets import FashionMNIST
     ds = FashionMNIST(split=split, limit=limit)
     correct = 0
     for i in range(0, len(ds), batch_size):

@@ -136,13 +136,8 @@ def _latent_stats(cache_dir: Path, ctok_spec: dict, ctok_ckpt: Path, limit: int,
     return path
 
 
-def run_study(config: str | Path, overrides: list[str] = ()) -> Path:
+def run_study(config: str | Path, overrides: list[str] = (), *, progress: bool = True) -> Path:
     """Run the study described by ``config``; returns the path of the sample grid."""
-    from discon_core.cache import build_cache
-    from discon_core.images import save_grid
-    from discon_core.pipeline import Pipeline
-    from discon_core.registry import build
-
     raw = apply_overrides(load_yaml(config), list(overrides))
     check_keys(raw, STUDY_KEYS, f"study config {config}")
     for key, t in (("seed", int), ("threads", int | None), ("out", str), ("device", str | None)):
@@ -153,84 +148,111 @@ def run_study(config: str | Path, overrides: list[str] = ()) -> Path:
         # OpenMP workers (measured: 1.7 s vs 7.3 s per DisCon step on a shared 2-core machine)
         torch.set_num_threads(int(raw["threads"]))
     from discon_core.runtime import check_output_dir, resolve_device
-    device = resolve_device(raw.get("device"), what="device")
-    out = Path(raw.get("out", "runs/study"))
-    seed = raw.get("seed", 0)
-    base = {"seed": seed, "device": str(device)}
-    data = _section(raw, "data")
-    dtok, ctok = _section(raw, "dtok"), _section(raw, "ctok")
-    cache, discon, prior = _section(raw, "cache"), _section(raw, "discon"), _section(raw, "prior")
-    sample = _section(raw, "sample") if raw.get("sample") is not None else {}
-    _check_sections(str(config), cache=cache, ctok=ctok, dtok=dtok, prior=prior, discon=discon,
-                    sample=sample)
-    check_output_dir(out, what="out")
+    secs = {key: _section(raw, key) for key in ("data", "dtok", "ctok", "cache", "discon", "prior")}
+    secs["sample"] = _section(raw, "sample") if raw.get("sample") is not None else {}
+    _check_sections(str(config), **{k: v for k, v in secs.items() if k != "data"})
+    study = {"out": Path(raw.get("out", "runs/study")), "seed": raw.get("seed", 0),
+             "device": resolve_device(raw.get("device"), what="device"), "progress": progress}
+    check_output_dir(study["out"], what="out")
     t_start = time.perf_counter()
+    changed = _tokenizer_stages(study, secs)
+    fresh_cache = _cache_stage(study, secs, tokenizers_changed=changed)
+    ctok_overrides = _normalization_stage(study, secs)
+    _model_stages(study, secs, ctok_overrides, fresh_cache=fresh_cache)
+    grid = _sample_stage(study, secs, ctok_overrides)
+    _say(f"total {time.perf_counter() - t_start:.0f} s")
+    return grid
 
-    # 1-2: tokenizers
-    changed = {}
-    for kind, sec in (("dtok", dtok), ("ctok", ctok)):
+
+def _base(study: dict) -> dict:
+    return {"seed": study["seed"], "device": str(study["device"])}
+
+
+def _tokenizer_stages(study: dict, secs: dict) -> bool:
+    """Stages 1-2: train dtok and ctok on images; True when either trained now."""
+    changed = False
+    for kind in ("dtok", "ctok"):
+        sec = secs[kind]
         comp = {"tokenizer": {"kind": kind, "preset": sec["preset"],
                               "overrides": sec.get("overrides") or {}}}
-        changed[kind] = _train_stage(kind, out, base, _section(sec, "train"), recipe="tokenizer",
-                                     components=comp, data=data, upstream_changed=False)
-    dtok_ckpt, ctok_ckpt = out / "dtok" / LAST, out / "ctok" / LAST
+        changed |= _train_stage(kind, study["out"], _base(study), _section(sec, "train"),
+                                recipe="tokenizer", components=comp, data=secs["data"],
+                                upstream_changed=False)
+    return changed
 
-    # 3: cache (+ latent normalization)
+
+def _cache_stage(study: dict, secs: dict, *, tokenizers_changed: bool) -> bool:
+    """Stage 3: pre-tokenize the dataset with both tokenizers; True when built now."""
+    from discon_core.cache import build_cache
+    out, cache = study["out"], secs["cache"]
     cache_dir = out / "cache"
-    if (changed["dtok"] or changed["ctok"]) and (cache_dir / "manifest.json").exists():
+    if tokenizers_changed and (cache_dir / "manifest.json").exists():
         raise DisconError(f"a tokenizer was retrained; delete {cache_dir} (and the stages after "
                           "it) to rebuild the cache with the new weights")
-    complete = (cache_dir / "manifest.json").is_file() and read_json(
-        cache_dir / "manifest.json", "cache manifest").get("complete")
-    if complete:
+    if (cache_dir / "manifest.json").is_file() and read_json(
+            cache_dir / "manifest.json", "cache manifest").get("complete"):
         _say(f"cache: reusing {cache_dir}")
-    else:
-        _say(f"cache: pre-tokenizing {data} -> {cache_dir}")
-        t0 = time.perf_counter()
-        build_cache(data, cache_dir, dtok=dtok["preset"], ctok=ctok["preset"],
-                    dtok_checkpoint=str(dtok_ckpt), ctok_checkpoint=str(ctok_ckpt),
-                    shard_size=int(cache.get("shard_size", 5000)),
-                    batch_size=int(cache.get("batch_size", 128)), device=str(device))
-        _say(f"cache: done in {time.perf_counter() - t0:.0f} s")
-    ctok_overrides: dict[str, Any] = {}
-    normalize = ctok.get("normalize", "stats")
-    if normalize == "stats":
-        stats = _latent_stats(cache_dir, ctok, ctok_ckpt, int(ctok.get("stats_items", 10000)),
-                              seed, device)
-        ctok_overrides["latents_stats"] = str(stats)
-    elif normalize not in (None, "none"):
-        raise DisconError(f"ctok.normalize must be 'stats' or 'none', got {normalize!r}")
-    ctok_comp = {"preset": ctok["preset"], "overrides": ctok_overrides}
+        return False
+    _say(f"cache: pre-tokenizing {secs['data']} -> {cache_dir}")
+    t0 = time.perf_counter()
+    build_cache(secs["data"], cache_dir, dtok=secs["dtok"]["preset"],
+                ctok=secs["ctok"]["preset"], dtok_checkpoint=str(out / "dtok" / LAST),
+                ctok_checkpoint=str(out / "ctok" / LAST),
+                shard_size=int(cache.get("shard_size", 5000)),
+                batch_size=int(cache.get("batch_size", 128)), device=str(study["device"]),
+                progress=study["progress"])
+    _say(f"cache: done in {time.perf_counter() - t0:.0f} s")
+    return True
 
-    # 4-5: DisCon backbone+head, and the prior
-    data_cache = {"cache": str(cache_dir)}
-    _train_stage("discon", out, base, _section(discon, "train"), recipe="discon",
+
+def _normalization_stage(study: dict, secs: dict) -> dict[str, Any]:
+    """The ctok's latent normalization (``latents_stats.pt`` from the cache) as overrides."""
+    ctok = secs["ctok"]
+    if ctok.get("normalize", "stats") in (None, "none"):
+        return {}
+    stats = _latent_stats(study["out"] / "cache", ctok, study["out"] / "ctok" / LAST,
+                          int(ctok.get("stats_items", 10000)), study["seed"], study["device"])
+    return {"latents_stats": str(stats)}
+
+
+def _model_stages(study: dict, secs: dict, ctok_overrides: dict, *, fresh_cache: bool) -> None:
+    """Stages 4-5: DisCon backbone+head, and the prior, on the cache."""
+    out, discon, prior, dtok = study["out"], secs["discon"], secs["prior"], secs["dtok"]
+    data_cache = {"cache": str(out / "cache")}
+    ctok_comp = {"preset": secs["ctok"]["preset"], "overrides": ctok_overrides}
+    _train_stage("discon", out, _base(study), _section(discon, "train"), recipe="discon",
                  components={"backbone": discon["backbone"], "head": discon["head"],
                              "dtok": dtok["preset"], "ctok": ctok_comp},
-                 data=data_cache, upstream_changed=not complete and
+                 data=data_cache, upstream_changed=fresh_cache and
                  (out / "discon" / LAST).exists())
-    _train_stage("prior", out, base, _section(prior, "train"), recipe="prior",
+    _train_stage("prior", out, _base(study), _section(prior, "train"), recipe="prior",
                  components={"prior": {"preset": prior["preset"],
-                                           "overrides": prior.get("overrides") or {}},
+                                       "overrides": prior.get("overrides") or {}},
                              "dtok": dtok["preset"]},
-                 data=data_cache, upstream_changed=not complete and
+                 data=data_cache, upstream_changed=fresh_cache and
                  (out / "prior" / LAST).exists())
 
-    # 6: sample a grid, one column per class
+
+def _sample_stage(study: dict, secs: dict, ctok_overrides: dict) -> Path:
+    """Stage 6: a grid, one column per class, and the same ids through the dtok's decoder."""
+    from discon_core.images import save_grid
+    from discon_core.pipeline import Pipeline
+    from discon_core.registry import build
+    out, device, sample, prior = study["out"], study["device"], secs["sample"], secs["prior"]
     _say("sample: prior -> backbone+head -> decoder")
-    trained = {kind: component_spec(discon[kind], kind) for kind in ("backbone", "head")}
+    trained = {kind: component_spec(secs["discon"][kind], kind) for kind in ("backbone", "head")}
     pipe = Pipeline(
         prior=build("prior", prior["preset"], checkpoint=out / "prior" / LAST, device=device,
                     **(prior.get("overrides") or {})),
-        dtok=build("dtok", dtok["preset"], checkpoint=dtok_ckpt, device=device),
+        dtok=build("dtok", secs["dtok"]["preset"], checkpoint=out / "dtok" / LAST,
+                   device=device),
         **{kind: build(kind, s["preset"], checkpoint=out / "discon" / LAST, device=device,
                        **s["overrides"]) for kind, s in trained.items()},
-        ctok=build("ctok", ctok["preset"], checkpoint=ctok_ckpt, device=device,
-                   **ctok_overrides))
+        ctok=build("ctok", secs["ctok"]["preset"], checkpoint=out / "ctok" / LAST,
+                   device=device, **ctok_overrides))
     num_classes = pipe.prior.num_classes
-    rows = int(sample.get("rows", 4))
-    labels = torch.arange(num_classes).repeat(rows)
-    g = torch.Generator(device).manual_seed(int(sample.get("seed", seed)))
+    labels = torch.arange(num_classes).repeat(int(sample.get("rows", 4)))
+    g = torch.Generator(device).manual_seed(int(sample.get("seed", study["seed"])))
     kwargs = {k: sample[k] for k in ("ar_steps", "prior_cfg", "prior_temperature",
                                      "cfg_scale", "temperature") if sample.get(k) is not None}
     images, tokens, _ = pipe.generate(labels.to(device), generator=g, progress=False,
@@ -238,8 +260,7 @@ def run_study(config: str | Path, overrides: list[str] = ()) -> Path:
     grid = save_grid(images, out / "samples.png", nrow=num_classes, upscale=2)
     # the same discrete ids decoded by the discrete tokenizer alone, for comparison
     save_grid(pipe.dtok.decode(tokens), out / "samples_dtok.png", nrow=num_classes, upscale=2)
-    _say(f"wrote {grid} (DisCon) and {out / 'samples_dtok.png'} (same ids, VQ decoder); "
-         f"total {time.perf_counter() - t_start:.0f} s")
+    _say(f"wrote {grid} (DisCon) and {out / 'samples_dtok.png'} (same ids, VQ decoder)")
     return grid
 
 
@@ -247,7 +268,8 @@ def _cmd_study(args) -> int:
     from discon_core.cli import _config_overrides
     quiet = [f"{stage}.train.progress=false" for stage in ("dtok", "ctok", "discon", "prior")
              if args.no_progress]
-    print(f"samples: {run_study(args.config, _config_overrides(args) + quiet)}")
+    grid = run_study(args.config, _config_overrides(args) + quiet, progress=not args.no_progress)
+    print(f"samples: {grid}")
     return 0
 
 

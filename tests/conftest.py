@@ -53,7 +53,7 @@ def one_thread():
 
 def fashion_mnist_32(n: int) -> torch.Tensor:
     """The first ``n`` Fashion-MNIST test images as [n,3,32,32] in [0,1] (skips without the data)."""
-    from discon_core.data import FashionMNIST
+    from discon_plugins.datasets import FashionMNIST
     from discon_core.errors import DisconError
 
     try:

@@ -9,9 +9,9 @@ import torch
 from discon_core import build
 from discon_core.cache import MANIFEST, CachedDataset, build_cache, collate_cached
 from discon_core.checkpoints import save_atomic
-from discon_core.data import FashionMNIST
+from discon_plugins.datasets import FashionMNIST
 from discon_core.errors import DisconError
-from tests.core.test_data import fake_fashion_mnist
+from tests.plugins.test_datasets import fake_fashion_mnist
 
 TOKS = dict(dtok="maskgit-vq-tiny", ctok="va-vae-tiny")
 

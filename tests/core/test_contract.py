@@ -18,7 +18,7 @@ from discon_core.hooks import hookimpl
 from discon_core.interfaces import (ConditionalBackbone, ContinuousHead,
                                      ContinuousTokenizer, DiscreteTokenizer)
 from tests.conftest import REPO
-from tests.core.test_data import fake_fashion_mnist
+from tests.plugins.test_datasets import fake_fashion_mnist
 
 EXAMPLE = REPO / "examples" / "discon-example-plugin"
 

@@ -1,133 +1,11 @@
-"""Datasets (IDX reader, Fashion-MNIST, class folders with ADM centre crop) and the batch order."""
+"""Data plumbing: datasets built by name (validated options), collation, the batch order."""
 from __future__ import annotations
 
-import gzip
-import struct
-from pathlib import Path
-
-import numpy as np
 import pytest
-import torch
-from PIL import Image
 
-from discon_core.data import (FASHION_MNIST_DIR, BatchOrder, FashionMNIST, ImageFolder,
-                              build_dataset, center_crop_arr, collate_images, read_idx)
+from discon_core.data import BatchOrder, build_dataset, class_names
 from discon_core.errors import DisconError
-
-
-def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
-    """An IDX file (ubyte) as the Fashion-MNIST distribution ships them."""
-    header = bytes([0, 0, 0x08, array.ndim]) + struct.pack(f">{array.ndim}I", *array.shape)
-    raw = header + array.astype(np.uint8).tobytes()
-    if gz:
-        path = path.with_name(path.name + ".gz")
-        path.write_bytes(gzip.compress(raw))
-    else:
-        path.write_bytes(raw)
-    return path
-
-
-def fake_fashion_mnist(folder: Path, n: int = 40, seed: int = 0) -> Path:
-    """A folder with the four Fashion-MNIST IDX files holding ``n`` random 28x28 images."""
-    folder.mkdir(parents=True, exist_ok=True)
-    rng = np.random.default_rng(seed)
-    for split, count in (("train", n), ("t10k", max(4, n // 4))):
-        write_idx(folder / f"{split}-images-idx3-ubyte", rng.integers(0, 256, (count, 28, 28)))
-        write_idx(folder / f"{split}-labels-idx1-ubyte", rng.integers(0, 10, (count,)),
-                  gz=split == "train")
-    return folder
-
-
-def test_read_idx_plain_gzip_and_errors(tmp_path):
-    a = np.arange(2 * 3 * 5).reshape(2, 3, 5)
-    assert np.array_equal(read_idx(write_idx(tmp_path / "a", a, gz=False)), a)
-    assert np.array_equal(read_idx(write_idx(tmp_path / "b", a, gz=True)), a)
-    raw = (tmp_path / "a").read_bytes()
-    (tmp_path / "short").write_bytes(raw[:-3])
-    with pytest.raises(DisconError, match="truncated"):
-        read_idx(tmp_path / "short")
-    (tmp_path / "png").write_bytes(b"\x89PNG\r\n" + raw)
-    with pytest.raises(DisconError, match="not an IDX file"):
-        read_idx(tmp_path / "png")
-
-
-def test_fashion_mnist_from_any_folder(tmp_path):
-    root = fake_fashion_mnist(tmp_path / "fm", n=12)
-    ds = FashionMNIST(root)
-    assert len(ds) == 12 and ds.num_classes == 10
-    x, y = ds.get(3)
-    assert x.shape == (3, 32, 32) and x.dtype == torch.float32 and 0 <= y < 10
-    raw = torch.from_numpy(read_idx(root / "train-images-idx3-ubyte.gz")[3]).float() / 255
-    assert torch.equal(x[0, 2:30, 2:30], raw) and torch.equal(x[0], x[2])
-    assert x[:, :2].abs().sum() == 0 and x[:, :, -2:].abs().sum() == 0   # zero padding
-    assert torch.equal(ds.get(3, flip=True)[0], x.flip(-1))
-    assert len(FashionMNIST(root, split="test")) == 4
-    assert len(FashionMNIST(root, limit=5)) == 5
-
-
-def test_fashion_mnist_bad_input(tmp_path):
-    with pytest.raises(DisconError, match="does not exist"):
-        FashionMNIST(tmp_path / "missing")
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(DisconError, match="train-images-idx3-ubyte.*dataset-fashion-mnist"):
-        FashionMNIST(tmp_path / "empty")
-    root = fake_fashion_mnist(tmp_path / "fm", n=4)
-    with pytest.raises(DisconError, match="data.split"):
-        FashionMNIST(root, split="val")
-
-
-@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
-def test_debian_fashion_mnist():
-    ds = FashionMNIST()
-    assert len(ds) == 60000 and len(FashionMNIST(split="test")) == 10000
-    assert sorted(set(ds.labels.tolist())) == list(range(10))
-
-
-def _png(path: Path, size: tuple[int, int], color) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.new("RGB", size, color).save(path)
-
-
-def test_center_crop_arr_adm():
-    # Left half red, right half blue, 200x100: the crop keeps the middle square.
-    arr = np.zeros((100, 200, 3), np.uint8)
-    arr[:, :100, 0] = 255
-    arr[:, 100:, 2] = 255
-    out = np.asarray(center_crop_arr(Image.fromarray(arr), 32))
-    assert out.shape == (32, 32, 3)
-    assert out[:, :14, 0].min() > 200 and out[:, 18:, 2].min() > 200
-
-
-def test_image_folder_classes_crop_and_corrupt_files(tmp_path):
-    root = tmp_path / "imagenet"
-    _png(root / "n02" / "a.png", (64, 48), (255, 0, 0))
-    _png(root / "n01" / "b.jpg", (40, 40), (0, 255, 0))
-    _png(root / "n01" / "c.png", (90, 30), (0, 0, 255))
-    (root / "n02" / "broken.jpg").write_bytes(b"not a jpeg at all")
-    (root / "n02" / "notes.txt").write_text("ignored")
-    ds = ImageFolder(root, image_size=16)
-    assert ds.classes == ["n01", "n02"] and len(ds) == 4
-    x, y = ds.get(0)
-    assert x.shape == (3, 16, 16) and y == 0 and x[1].mean() > 0.9
-    broken = [i for i in range(len(ds)) if ds.name(i).endswith("broken.jpg")][0]
-    with pytest.warns(UserWarning, match="skipping unreadable image"):
-        assert ds.get(broken) is None
-    assert list(ds.skipped) == ["n02/broken.jpg"]
-    batch = collate_images([ds.get(i) for i in range(len(ds))])
-    assert batch["images"].shape == (3, 3, 16, 16)            # the unreadable one is dropped
-    assert batch["labels"].tolist() == [0, 0, 1]
-
-
-def test_image_folder_bad_input(tmp_path):
-    with pytest.raises(DisconError, match="does not exist"):
-        ImageFolder(tmp_path / "nope")
-    (tmp_path / "flat").mkdir()
-    _png(tmp_path / "flat" / "x.png", (8, 8), (0, 0, 0))
-    with pytest.raises(DisconError, match="no class sub-folders"):
-        ImageFolder(tmp_path / "flat")
-    (tmp_path / "empty" / "cls").mkdir(parents=True)
-    with pytest.raises(DisconError, match="no image files"):
-        ImageFolder(tmp_path / "empty")
+from tests.plugins.test_datasets import fake_fashion_mnist
 
 
 def test_build_dataset_validates(tmp_path):
@@ -137,6 +15,13 @@ def test_build_dataset_validates(tmp_path):
         build_dataset({"type": "fashion_mnist"})
     with pytest.raises(DisconError, match="data .*unknown option.*lmit"):
         build_dataset({"type": "fashion-mnist", "root": str(root), "lmit": 3})
+
+
+def test_class_names_from_a_list_or_a_dataset():
+    assert class_names(["cat", 3]) == ["cat", "3"]
+    assert class_names("fashion-mnist")[-1] == "Ankle boot"
+    with pytest.raises(DisconError, match="unknown dataset 'folder'.*fashion-mnist"):
+        class_names("folder")          # registered, but its classes depend on the folder
 
 
 def test_batch_order_pure_resumable_and_sharded():

@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 
 from discon_core import cli, metrics
-from discon_core.data import FashionMNIST
+from discon_plugins.datasets import FashionMNIST
 
 pytest.importorskip("torch_fidelity")
 

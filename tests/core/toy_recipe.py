@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from discon_core.recipes import Recipe, _plain_no_decay
+from discon_core.recipes import Recipe, plain_no_decay
 
 
 class ToyData:
@@ -65,4 +65,4 @@ def make(cfg, device) -> Recipe:
     opts = dict(cfg.recipe_options)
     model = ToyModel(Path(cfg.out), bool(opts.get("noise", False)), opts.get("nan_at_step"),
                      opts.get("block_at_step"))
-    return Recipe("toy", model, ToyData(), collate, _plain_no_decay)
+    return Recipe("toy", model, ToyData(), collate, plain_no_decay)
