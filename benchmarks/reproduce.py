@@ -41,7 +41,8 @@ from discon_core.config import TrainConfig, check_keys, load_yaml
 from discon_core.errors import DisconError
 
 KEYS = {"out", "results", "seed", "threads", "data", "train_defaults", "tokenizers", "caches",
-        "continuous_train", "continuous", "prior_train", "priors", "eval", "default"}
+        "continuous_train", "continuous", "prior_train", "priors", "eval", "default",
+        "extended"}
 EVAL_KEYS = {"num", "sweep_num", "seeds", "batch_size", "prior", "prior_cfg_sweep",
              "mar_cfg_sweep", "ar_steps_sweep", "temperature_sweep", "inception_num"}
 LAST = "checkpoint-last.pth"
@@ -67,6 +68,8 @@ def quick_profile(cfg: dict) -> dict:
     for sec in cfg["priors"].values():
         sec["overrides"] = {**sec.get("overrides", {}), "randomness_anneal_start": 10,
                             "randomness_anneal_end": 20}
+    if cfg.get("extended"):
+        cfg["extended"].update(steps=60, keep_every=15)
     cfg["eval"].update(num=40, sweep_num=20, seeds=[0], batch_size=20, prior_cfg_sweep=[1.0, 2.0],
                        mar_cfg_sweep=[1.0, 2.0], ar_steps_sweep=[1, 16, 64],
                        temperature_sweep=[1.0], inception_num=0)
@@ -89,6 +92,10 @@ def load_config(path: str, quick: bool = False) -> dict:
         if c["cache"] not in cfg["caches"]:
             raise DisconError(f"study config {path}: continuous.{name}.cache {c['cache']!r} is "
                               f"not one of {sorted(cfg['caches'])}")
+    for name in (cfg.get("extended") or {}).get("models", []):
+        if name not in cfg["continuous"]:
+            raise DisconError(f"study config {path}: extended.models names {name!r}, not one of "
+                              f"{sorted(cfg['continuous'])}")
     if cfg["eval"]["prior"] not in cfg["priors"]:
         raise DisconError(f"study config {path}: eval.prior {cfg['eval']['prior']!r} is not one "
                           f"of {sorted(cfg['priors'])}")
@@ -167,6 +174,9 @@ class Study:
     def cont_dir(self, name: str) -> Path:
         return self.out / "cont" / name
 
+    def long_dir(self, name: str) -> Path:
+        return self.out / "long" / name
+
     def marker(self, stage: str) -> Path:
         return self.out / ".done" / (stage.replace(":", "__") + ".json")
 
@@ -203,7 +213,6 @@ class Study:
         return train(cfg, resume="auto")
 
     def _ctok_overrides(self, cache: str) -> dict:
-        c = self.cfg["caches"][cache]
         norm = json.loads((self.cache_dir(cache) / "normalization.json").read_text())
         return ({"latents_stats": str(self.cache_dir(cache) / "latents_stats.pt")}
                 if norm["kind"] == "stats" else {"scale_factor": norm["scale_factor"]})
@@ -224,6 +233,10 @@ class Study:
         for name, c in cfg["continuous"].items():
             self.add(f"cont:{name}", lambda name=name: self._train(self.cont_cfg(name)),
                      deps=[f"cache:{c['cache']}"], settings={**c, **cfg["continuous_train"]})
+        ext = cfg.get("extended") or {}
+        for name in ext.get("models", []):
+            self.add(f"long:{name}", lambda name=name: self.train_long(name),
+                     deps=[f"cont:{name}"], settings={**cfg["continuous_train"], **ext})
         for name, p in cfg["priors"].items():
             self.add(f"prior:{name}", lambda name=name: self._train(self.prior_cfg(name)),
                      deps=[f"cache:{self._id_cache()}"], settings={**p, **cfg["prior_train"]})
@@ -245,6 +258,22 @@ class Study:
                                            "dtok": toks[cache["dtok"]]["preset"],
                                            "ctok": {"preset": toks[cache["ctok"]]["preset"],
                                                     "overrides": self._ctok_overrides(c["cache"])}})
+
+    def long_cfg(self, name: str) -> TrainConfig:
+        raw = self.cont_cfg(name).as_dict()
+        ext = self.cfg["extended"]
+        raw.update(out=str(self.long_dir(name)), steps=ext["steps"], keep_every=ext["keep_every"])
+        return TrainConfig.from_dict(raw, where=f"study stage long:{name}")
+
+    def train_long(self, name: str) -> None:
+        """The same training continued past the schedule's end, in its own folder (the
+        schedule's stage and everything measured on it stay as they are)."""
+        from discon_core.train import train
+        cfg = self.long_cfg(name)
+        if (Path(cfg.out) / LAST).is_file():
+            self._train(cfg)
+        else:  # first start: exact resume from the end of the schedule's run
+            train(cfg, resume=self.cont_dir(name) / LAST)
 
     def prior_cfg(self, name: str) -> TrainConfig:
         p = self.cfg["priors"][name]
@@ -391,6 +420,22 @@ class Study:
                                                       step=step, **dis_kw()),
                      deps=[f"cont:{s_dis}", sweep_tokens] + dis_deps,
                      settings={"step": step, **dsw})
+        # past the schedule (``extended``): each continued model at every kept step, with its
+        # EMA and its raw weights, at the headline rows' settings (seed 0, N = num)
+        ext = cfg.get("extended") or {}
+        end = cfg["continuous_train"]["steps"]
+        for name in ext.get("models", []):
+            dis = name in discons + self.other_ctok_discons
+            for step in range(end, ext["steps"] + 1, ext["keep_every"]):
+                for weights in ("ema", "raw"):
+                    self.add(f"eval:long:{name}:{step}:{weights}",
+                             lambda name=name, dis=dis, step=step, weights=weights: self.eval_cont(
+                                 name, best_prior if dis else None, 0, ev["num"], step=step,
+                                 weights=weights, **(dis_kw() if dis else mar_kw())),
+                             deps=[f"long:{name}"] + ([f"tokens:{best_prior}:0:{ev['num']}"]
+                                                      + dis_deps if dis else mar_deps),
+                             settings={"step": step, "weights": weights, "n": ev["num"],
+                                       **(dsw if dis else msw)})
         # Figures 2 and 5: pictures
         self.add("eval:figures", lambda: self.figures(discons[-1], best_prior, **dis_kw()),
                  deps=[sweep_tokens, f"cont:{discons[-1]}"] + dis_deps, settings=dsw)
@@ -531,11 +576,23 @@ class Study:
             "params_prior": n_params(prior), "sec_per_img": float(t["sec_per_img"]) + dec,
             "sec_per_img_prior": float(t["sec_per_img"])})
 
-    def cont_modules(self, name: str, step: int | None = None):
+    def cont_modules(self, name: str, step: int | None = None, weights: str = "ema"):
+        """Backbone, head and ctok of continuous model ``name`` at ``step`` (None: the end of
+        the schedule; past it: the continued run of ``extended``); ``weights="raw"``: the
+        checkpoint's raw weights instead of its EMA."""
         c = self.cfg["continuous"][name]
-        d = self.cont_dir(name)
-        ckpt = d / (f"checkpoint-{step:07d}.pth" if step and step != self.cfg["continuous_train"][
-            "steps"] else LAST)
+        end = self.cfg["continuous_train"]["steps"]
+        d = self.cont_dir(name) if not step or step <= end else self.long_dir(name)
+        ckpt = d / (f"checkpoint-{step:07d}.pth" if step and step != end else LAST)
+        if not ckpt.is_file() and step and step > end:
+            ckpt = d / LAST  # the continued run's last step may not be a kept one
+        if weights == "raw":
+            from safetensors.torch import save_file
+            raw = ckpt.with_name(ckpt.stem + "-raw.safetensors")
+            if not raw.is_file():
+                state = torch.load(ckpt, weights_only=True)["model"]
+                save_file({k: v.contiguous() for k, v in state.items()}, raw)
+            ckpt = raw
         over = c.get("overrides", {})
         backbone = self.build("backbone", c["backbone"], ckpt, **over)
         head = self.build("head", c["backbone"], ckpt, **over)
@@ -546,12 +603,12 @@ class Study:
 
     @torch.no_grad()
     def generate(self, name, prior, seed, n, *, step=None, ar_steps=None, temperature=None,
-                 cfg_scale=None, from_n=None):
+                 cfg_scale=None, from_n=None, weights="ema"):
         """Images of continuous model ``name`` (from ``prior``'s saved tokens for DisCon);
         returns uint8 images, labels, seconds per image of the continuous stage + decoder."""
         from discon_core import sample_tokens
         from discon_core.samples import _batch_seed, balanced_labels
-        backbone, head, ctok = self.cont_modules(name, step)
+        backbone, head, ctok = self.cont_modules(name, step, weights)
         from discon_core.pipeline import _sampling
         sampling = _sampling(backbone)
         ar_steps = int(ar_steps or sampling.get("ar_steps", 16))
@@ -575,7 +632,7 @@ class Study:
         settings = {"model": name, "prior": prior, "seed": seed, "ar_steps": ar_steps,
                     "temperature": temperature, "cfg_scale": cfg_scale,
                     "step": step or self.cfg["continuous_train"]["steps"],
-                    "head_steps": getattr(head, "num_sampling_steps", None)}
+                    "head_steps": getattr(head, "num_sampling_steps", None), "weights": weights}
         return to_uint8(torch.cat(out)), labels, sec, settings, n_params(backbone, head)
 
     def eval_cont(self, name, prior, seed, n, extractor="fmnist", **kw) -> None:
@@ -640,7 +697,7 @@ class Study:
     def eval_oracle(self, name: str, n: int, temperature: float = 1.0) -> None:
         """DisCon given the discrete tokens of real test images (an upper bound of what any
         prior can give it), beside the two tokenizers' reconstructions of the same images."""
-        from discon_core import metrics, sample_tokens
+        from discon_core import sample_tokens
         ref = self.reference()
         idx = torch.arange(n) * (len(ref) // n)  # every (10000/n)-th test image
         images = torch.stack([ref.images[int(i)] for i in idx]).float() / 255

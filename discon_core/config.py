@@ -203,6 +203,10 @@ class TrainConfig:
     optimizer: OptimConfig = field(default_factory=OptimConfig)
     grad_clip: float | None = 3.0
     ema_rate: float = 0.9999
+    # min(ema_rate, (1+t)/(10+t)) at update t: the average forgets the random init within a
+    # short schedule (0.999 keeps 0.999^1000 = 37% of it after 1,000 steps). Added after runs
+    # were saved: as_dict() leaves it out at its default, so their configs still compare equal.
+    ema_warmup: bool = field(default=False, metadata={"omit_default": True})
     precision: str = "fp32"                       # fp32 | bf16 (autocast)
     grad_checkpointing: bool = False
     compile: bool = False
@@ -241,6 +245,8 @@ class TrainConfig:
             value = getattr(self, name)
             if value is not None and value <= 0:
                 raise DisconError(f"{where}: {name} must be positive, got {value}")
+        if not 0.0 <= self.ema_rate < 1.0:
+            raise DisconError(f"{where}: ema_rate must lie in [0, 1), got {self.ema_rate}")
         for name in ("num_samples", "num_workers"):
             if getattr(self, name) < 0:
                 raise DisconError(f"{where}: {name} must be >= 0, got {getattr(self, name)}")
@@ -250,4 +256,7 @@ class TrainConfig:
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)
         d["optimizer"]["betas"] = list(d["optimizer"]["betas"])
+        for f in dataclasses.fields(self):
+            if f.metadata.get("omit_default") and d[f.name] == f.default:
+                del d[f.name]
         return d

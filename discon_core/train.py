@@ -88,16 +88,22 @@ class EMA:
     """Exponential moving average of the trainable parameters (MAR: ``ema = r*ema + (1-r)*p``),
     in float32, aligned with ``model.parameters()`` (local shards under FSDP)."""
 
-    def __init__(self, params: list[nn.Parameter], rate: float):
-        self.params, self.rate = params, rate
+    def __init__(self, params: list[nn.Parameter], rate: float, warmup: bool = False):
+        self.params, self.rate, self.warmup = params, rate, warmup
         self.shadow = [p.detach().float().clone() for p in params]
 
+    def rate_at(self, step: int) -> float:
+        """The decay of update number ``step`` (0-based): ``rate``, or with warmup
+        ``min(rate, (1 + step) / (10 + step))``."""
+        return min(self.rate, (1 + step) / (10 + step)) if self.warmup else self.rate
+
     @torch.no_grad()
-    def update(self) -> None:
+    def update(self, step: int = 0) -> None:
+        rate = self.rate_at(step)
         # one fused multi-tensor op per step instead of 2 kernels per parameter
         current = [p.detach().float() for p in self.params]
-        torch._foreach_mul_(self.shadow, self.rate)
-        torch._foreach_add_(self.shadow, current, alpha=1.0 - self.rate)
+        torch._foreach_mul_(self.shadow, rate)
+        torch._foreach_add_(self.shadow, current, alpha=1.0 - rate)
 
     @contextlib.contextmanager
     def swapped(self):
@@ -193,7 +199,7 @@ class Trainer:
         self.lr = base_lr(o, cfg.batch_size)
         self.optimizer = torch.optim.AdamW(param_groups(self.module, self.recipe, o.weight_decay),
                                            lr=self.lr, betas=o.betas)
-        self.ema = EMA(self.params, cfg.ema_rate)
+        self.ema = EMA(self.params, cfg.ema_rate, cfg.ema_warmup)
         self.step = 0
         self.dropped = 0
         self.last_good: Path | None = None
@@ -393,7 +399,7 @@ class Trainer:
             if not torch.isfinite(gnorm):
                 self._nonfinite("gradient norm", float(gnorm), lr)
             self.optimizer.step()
-            self.ema.update()
+            self.ema.update(self.step)
             self.step += 1
             seen += self.cfg.batch_size
             bar.update(1)

@@ -77,6 +77,26 @@ def test_param_group_rules():
     assert not _rar_no_decay("cls_token", torch.zeros(1, 1, 3))
 
 
+def test_ema_warmup_forgets_the_init_and_leaves_saved_configs_alone(tmp_path):
+    from discon_core.train import EMA
+    w = torch.nn.Parameter(torch.zeros(3))
+    plain, warm = EMA([w], 0.999), EMA([w], 0.999, warmup=True)
+    with torch.no_grad():
+        w.fill_(1.0)       # the weights leave their init (0) and stay at 1
+    for t in range(1000):
+        plain.update(t)
+        warm.update(t)
+    # without warmup 0.999^1000 = 36.8% of the init remains; with it, prod (1+t)/(10+t) ~ 1e-21
+    assert plain.shadow[0][0].item() == pytest.approx(1 - 0.999 ** 1000, abs=1e-4)
+    assert warm.shadow[0][0].item() == pytest.approx(1.0, abs=1e-6)
+    assert warm.rate_at(0) == pytest.approx(0.1) and warm.rate_at(10 ** 6) == 0.999
+    # a config at the default does not name the key (saved configs and signatures unchanged)
+    assert "ema_warmup" not in toy_config(tmp_path).as_dict()
+    assert toy_config(tmp_path, ema_warmup=True).as_dict()["ema_warmup"] is True
+    with pytest.raises(DisconError, match="ema_rate must lie in"):
+        toy_config(tmp_path, ema_rate=1.0)
+
+
 def test_patchify_roundtrip_and_order():
     """The recipe trains in the backbone's own token layout (the one sampling unpatchifies)."""
     x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).reshape(2, 3, 4, 4)
