@@ -5,9 +5,11 @@ AR step, for several dtypes on the same random weights. Run::
         --dtypes fp32,bf16 --ops 12 --json benchmarks/results/profile_sampling_cpu.json
 
 ``--size`` is a backbone preset (mar-b, discon-tiny, ...); the head is the preset's own head
-(``--head`` to pick another). With ``--ops N`` the last dtype's run is repeated under
-torch.profiler and its N most expensive operators (self CPU time) are printed: that is where a
-dtype falls back to slow kernels. Every run starts from the same seed; the max abs difference of
+(``--head`` to pick another; ``--head flow`` is the flow head sized like the backbone preset,
+as ``sampling_speed.py`` builds it, e.g. 6x1024 for mar-b). Each dtype runs ``--warmup`` times
+untimed first (bf16 packs its weights on the first call). With ``--ops N`` the last dtype's run
+is repeated under torch.profiler and its N most expensive operators (self CPU time) are
+printed: that is where a dtype falls back to slow kernels. Every run starts from the same seed; the max abs difference of
 the sampled tokens against the first dtype is reported (same noise, so it measures the rounding).
 """
 from __future__ import annotations
@@ -56,6 +58,15 @@ class Clock:
         return timed
 
 
+def build_head(name: str, bb):
+    """The head preset ``name``, or for ``flow`` the bare flow factory with the backbone preset's
+    sizes (its own default of 25 steps)."""
+    if name == "flow":
+        params = {k: v for k, v in bb.discon_preset.params.items() if k != "num_sampling_steps"}
+        return build("head", "flow", **params)
+    return build("head", name)
+
+
 def run(bb, head, labels, cond, steps, head_steps, seed):
     bb_clock, head_clock = Clock(), Clock()
     hooks = [bb.register_forward_pre_hook(bb_clock.pre), bb.register_forward_hook(bb_clock.post)]
@@ -82,44 +93,50 @@ def run(bb, head, labels, cond, steps, head_steps, seed):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size", default="mar-b", help="backbone preset")
-    ap.add_argument("--head", default=None, help="head preset (default: --size)")
+    ap.add_argument("--head", default=None,
+                    help="head preset (default: --size); flow: the flow head sized like --size")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--ar-steps", type=int, default=16)
     ap.add_argument("--head-steps", type=int, default=None, help="override the head's steps")
     ap.add_argument("--dtypes", default="fp32,bf16")
     ap.add_argument("--ops", type=int, default=0, help="print the N top operators of the last dtype")
     ap.add_argument("--threads", type=int, default=None)
+    ap.add_argument("--warmup", type=int, default=1, help="untimed runs per dtype first")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
     bb32 = randomize(build("backbone", args.size), 0)
-    head32 = randomize(build("head", args.head or args.size), 1)
+    head_name = args.head or args.size
+    head32 = randomize(build_head(head_name, bb32), 1)
     g = torch.Generator().manual_seed(0)
     labels = torch.arange(args.batch) % 10  # valid for 10- and 1000-class presets
     cond = None
     if getattr(bb32, "cond_vocab_size", 0):
         cond = torch.randint(0, bb32.cond_vocab_size, (args.batch, bb32.seq_len), generator=g)
     load_before = os.getloadavg()
-    print(f"{args.size} + head {args.head or args.size}, batch {args.batch}, {args.ar_steps} AR "
+    print(f"{args.size} + head {head_name}, batch {args.batch}, {args.ar_steps} AR "
           f"steps, {torch.get_num_threads()} threads, load {load_before[0]:.2f}")
     print(f"{'dtype':<6}{'total s':>9}{'backbone s':>12}{'head s':>9}{'other s':>9}"
-          f"{'other ms/step':>15}{'max|dx| vs first':>18}")
+          f"{'per AR step, ms: backbone':>27}{'head':>7}{'other':>7}{'max|dx| vs first':>18}")
     rows, first = [], None
     for name in args.dtypes.split(","):
         dtype = parse_dtype(name, "--dtypes")
         bb = build("backbone", args.size)
         bb.load_state_dict(bb32.state_dict())
-        head = build("head", args.head or args.size)
+        head = build_head(head_name, bb)
         head.load_state_dict(head32.state_dict())
         bb, head = bb.to(dtype).eval(), head.to(dtype).eval()
+        for _ in range(args.warmup):
+            run(bb, head, labels, cond, args.ar_steps, args.head_steps, seed=0)
         x, row = run(bb, head, labels, cond, args.ar_steps, args.head_steps, seed=0)
         first = x if first is None else first
         row.update(dtype=name, max_abs_diff_vs_first=float((x - first).abs().max()),
                    finite=bool(torch.isfinite(x).all()))
         rows.append(row)
         print(f"{name:<6}{row['total_s']:>9.2f}{row['backbone_s']:>12.2f}{row['head_s']:>9.2f}"
-              f"{row['other_s']:>9.2f}{row['other_ms_per_step']:>15.1f}"
+              f"{row['other_s']:>9.2f}{1e3 * row['backbone_s'] / args.ar_steps:>27.1f}"
+              f"{1e3 * row['head_s'] / args.ar_steps:>7.1f}{row['other_ms_per_step']:>7.1f}"
               f"{row['max_abs_diff_vs_first']:>18.4f}", flush=True)
     top = []
     if args.ops:
@@ -142,7 +159,7 @@ def main() -> None:
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         args.json.write_text(json.dumps({
-            "size": args.size, "head": args.head or args.size, "batch": args.batch,
+            "size": args.size, "head": head_name, "batch": args.batch,
             "ar_steps": args.ar_steps, "threads": torch.get_num_threads(),
             "load_before": load_before[0], "load_after": os.getloadavg()[0], "rows": rows,
             "top_ops": top, "torch": torch.__version__}, indent=2))

@@ -46,7 +46,7 @@ def fid_cell(rs: list[dict]) -> str:
 
 
 def plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, title: str,
-         logx: bool = False) -> Path | None:
+         logx: bool = False, hlines: dict[str, float] | None = None) -> Path | None:
     if not any(xs for xs, _ in series.values()):
         return None
     import matplotlib
@@ -56,6 +56,8 @@ def plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, title: s
     for label, (xs, ys) in series.items():
         if xs:
             ax.plot(xs, ys, marker="o", label=label)
+    for i, (label, y) in enumerate((hlines or {}).items()):
+        ax.axhline(y, color=f"C{len(series) + i}", linestyle="--", label=label)
     if logx:
         ax.set_xscale("log", base=2)
     ax.set(xlabel=xlabel, ylabel="FID (fmnist features)", title=title)
@@ -67,8 +69,8 @@ def plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, title: s
     return path
 
 
-def sweep(rows: dict, prefix: str, key) -> tuple[list, list]:
-    pts = sorted((key(r), r["fid"]) for s, r in rows.items() if s.startswith(prefix))
+def sweep(rows: dict, prefix: str, key, keep=lambda r: True) -> tuple[list, list]:
+    pts = sorted((key(r), r["fid"]) for s, r in rows.items() if s.startswith(prefix) and keep(r))
     return [x for x, _ in pts], [y for _, y in pts]
 
 
@@ -176,6 +178,61 @@ def render(study) -> str:
             v = r["rows"]["discon_from_true_tokens"]
             w(f"| {d} from the true tokens | {fmt(v['fid'])} | {fmt(v['class_accuracy'], 3)} |")
         w("")
+
+    # -- past the schedule ---------------------------------------------------------------
+    ext = cfg.get("extended") or {}
+    long_rows = {k: r for k, r in rows.items() if k.startswith("eval:long:")}
+    if long_rows:
+        w("### Past the schedule: longer training, EMA and raw weights\n")
+        w(f"{', '.join(ext['models'])} continued with the same settings from step "
+          f"{cfg['continuous_train']['steps']:,} to {ext['steps']:,} (`extended` in the config), "
+          "each kept checkpoint scored with its EMA weights (what every row above uses; "
+          f"`ema_rate` {cfg['continuous_train']['ema_rate']}, no warmup, so the EMA still holds "
+          f"{cfg['continuous_train']['ema_rate'] ** cfg['continuous_train']['steps']:.1%} of the "
+          "random init at the end of the schedule) and with its raw weights; the headline rows' "
+          f"settings, seed 0, N = {ev['num']:,}.\n")
+        w("| model | step | weights | gFID | class acc. |")
+        w("|---|---|---|---|---|")
+        for k, r in sorted(long_rows.items(), key=lambda kr: (kr[1]["settings"]["model"],
+                                                               kr[1]["settings"]["step"],
+                                                               kr[1]["settings"]["weights"])):
+            st = r["settings"]
+            w(f"| {st['model']} | {st['step']:,} | {st['weights']} | {fmt(r['fid'])} | "
+              f"{fmt(r.get('class_accuracy'), 3)} |")
+        dq = rows.get(f"eval:table3:{best_prior}:dtok:0")
+        fl = plot(res / "fig8_fid_past_schedule.png",
+                  {f"{m} ({wt})": sweep(rows, f"eval:long:{m}:", lambda r: r["settings"]["step"],
+                                        keep=lambda r, wt=wt: r["settings"]["weights"] == wt)
+                   for m in ext["models"] for wt in ("ema", "raw")},
+                  "training step", "FID past the schedule (EMA vs raw weights)",
+                  hlines={f"{best_prior} tokens, dtok decode": dq["fid"]} if dq else None)
+        if fl:
+            cap = "FID vs training step past the schedule, EMA and raw weights"
+            w(f"\n![{cap}]({rel(fl)})\n")
+            w(f"*{cap}; dashed: the discrete decode of the same prior tokens.*\n")
+        w("")
+
+    # -- the EMA warmup check -------------------------------------------------------------
+    chk = cfg.get("ema_warmup_check")
+    if chk:
+        wp, wd = chk["prior"], chk["continuous"]
+        pair = [(f"{wp} (dtok decode)", rows.get(f"eval:warm:{wp}:dtok:0"),
+                 rows.get(f"eval:table3:{wp}:dtok:0")),
+                (f"{wp} -> {wd}", rows.get(f"eval:warm:{wp}:{wd}:0"),
+                 rows.get(f"eval:table3:{wp}:{wd}:0"))]
+        if any(new for _, new, _ in pair):
+            w("### The EMA warmup check: Figure 2 with `ema_warmup`\n")
+            w(f"`{wp}` and `{wd}` retrained from scratch with `ema_warmup: true` (everything else "
+              "as above), new prior tokens (seed 0, the same guidance), scored as Table 3; beside "
+              f"them the Table 3 rows (seed 0) of the models trained without it. N = {ev['num']:,}."
+              "\n")
+            w("| tokens -> images | gFID with warmup | class acc. | gFID without | class acc. |")
+            w("|---|---|---|---|---|")
+            for label, new, old in pair:
+                w(f"| {label} | {fmt(new and new['fid'])} | "
+                  f"{fmt(new and new.get('class_accuracy'), 3)} | {fmt(old and old['fid'])} | "
+                  f"{fmt(old and old.get('class_accuracy'), 3)} |")
+            w("")
 
     # -- sweeps that chose the guidance --------------------------------------------------
     w("### Sampling settings chosen by sweeps (what was tried)\n")
@@ -297,4 +354,20 @@ def claims(rows, table2, table3, mars, discons, prior, cfg) -> list[str]:
             out.append(f"Continuous output better than the discrete decode of the same tokens "
                        f"(Figure 2; {prior} -> {d}): **{'yes' if fd < fq else 'no'}**, gFID "
                        f"{fq:.2f} (dtok) vs {fd:.2f} (DisCon), class accuracy {aq:.3f} vs {ad:.3f}.")
+        chk = cfg.get("ema_warmup_check") or {}
+        wq = rows.get(f"eval:warm:{prior}:dtok:0")
+        wdis = rows.get(f"eval:warm:{prior}:{d}:0")
+        if chk.get("continuous") == d and wq and wdis:
+            out.append(f"With EMA warmup ({prior} and {d} retrained with `ema_warmup`, seed 0): "
+                       f"**{'yes' if wdis['fid'] < wq['fid'] else 'no'}**, gFID {wq['fid']:.2f} "
+                       f"(dtok) vs {wdis['fid']:.2f} (DisCon), class accuracy "
+                       f"{wq['class_accuracy']:.3f} vs {wdis['class_accuracy']:.3f}.")
+        longer = [r for k, r in rows.items() if k.startswith(f"eval:long:{d}:")]
+        dq = rows.get(f"eval:table3:{prior}:dtok:0")
+        if longer and dq:
+            b = min(longer, key=lambda r: r["fid"])
+            out.append(f"Trained past the schedule ({d}, seed 0): the best DisCon point is gFID "
+                       f"{b['fid']:.2f} (step {b['settings']['step']:,}, {b['settings']['weights']} "
+                       f"weights) against {dq['fid']:.2f} for the discrete decode of the same "
+                       f"tokens: **{'yes' if b['fid'] < dq['fid'] else 'no'}**.")
     return out or ["not measured yet"]

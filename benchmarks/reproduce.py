@@ -42,7 +42,7 @@ from discon_core.errors import DisconError
 
 KEYS = {"out", "results", "seed", "threads", "data", "train_defaults", "tokenizers", "caches",
         "continuous_train", "continuous", "prior_train", "priors", "eval", "default",
-        "extended"}
+        "extended", "ema_warmup_check"}
 EVAL_KEYS = {"num", "sweep_num", "seeds", "batch_size", "prior", "prior_cfg_sweep",
              "mar_cfg_sweep", "ar_steps_sweep", "temperature_sweep", "inception_num"}
 LAST = "checkpoint-last.pth"
@@ -171,8 +171,11 @@ class Study:
     def cache_dir(self, name: str) -> Path:
         return self.out / "cache" / name
 
-    def cont_dir(self, name: str) -> Path:
-        return self.out / "cont" / name
+    def cont_dir(self, name: str, warm: bool = False) -> Path:
+        return self.out / ("warm" if warm else "") / "cont" / name
+
+    def prior_dir(self, name: str, warm: bool = False) -> Path:
+        return self.out / ("warm" if warm else "") / "prior" / name
 
     def long_dir(self, name: str) -> Path:
         return self.out / "long" / name
@@ -236,7 +239,19 @@ class Study:
         ext = cfg.get("extended") or {}
         for name in ext.get("models", []):
             self.add(f"long:{name}", lambda name=name: self.train_long(name),
-                     deps=[f"cont:{name}"], settings={**cfg["continuous_train"], **ext})
+                     deps=[f"cont:{name}"], settings={**cfg["continuous_train"],
+                                                      "steps": ext["steps"],
+                                                      "keep_every": ext["keep_every"]})
+        chk = cfg.get("ema_warmup_check")
+        if chk:  # the same prior and DisCon retrained from scratch with ema_warmup
+            p, d = chk["prior"], chk["continuous"]
+            self.add(f"warm:prior:{p}", lambda p=p: self._train(self.prior_cfg(p, warm=True)),
+                     deps=[f"cache:{self._id_cache()}"],
+                     settings={**cfg["priors"][p], **cfg["prior_train"], "ema_warmup": True})
+            self.add(f"warm:cont:{d}", lambda d=d: self._train(self.cont_cfg(d, warm=True)),
+                     deps=[f"cache:{cfg['continuous'][d]['cache']}"],
+                     settings={**cfg["continuous"][d], **cfg["continuous_train"],
+                               "ema_warmup": True})
         for name, p in cfg["priors"].items():
             self.add(f"prior:{name}", lambda name=name: self._train(self.prior_cfg(name)),
                      deps=[f"cache:{self._id_cache()}"], settings={**p, **cfg["prior_train"]})
@@ -245,14 +260,15 @@ class Study:
     def _id_cache(self) -> str:
         return next(iter(self.cfg["caches"]))
 
-    def cont_cfg(self, name: str) -> TrainConfig:
+    def cont_cfg(self, name: str, warm: bool = False) -> TrainConfig:
         c = self.cfg["continuous"][name]
         cache = self.cfg["caches"][c["cache"]]
         toks = self.cfg["tokenizers"]
         spec = {"preset": c["backbone"], "overrides": c.get("overrides", {})}
         opts = {} if self._has_cond(c) else {"use_cond": False}
         return self._train_cfg(self.cfg["continuous_train"], recipe="discon",
-                               out=str(self.cont_dir(name)), recipe_options=opts,
+                               out=str(self.cont_dir(name, warm)), recipe_options=opts,
+                               **({"ema_warmup": True} if warm else {}),
                                data={"cache": str(self.cache_dir(c["cache"]))},
                                components={"backbone": spec, "head": spec,
                                            "dtok": toks[cache["dtok"]]["preset"],
@@ -275,12 +291,13 @@ class Study:
         else:  # first start: exact resume from the end of the schedule's run
             train(cfg, resume=self.cont_dir(name) / LAST)
 
-    def prior_cfg(self, name: str) -> TrainConfig:
+    def prior_cfg(self, name: str, warm: bool = False) -> TrainConfig:
         p = self.cfg["priors"][name]
         cache = self._id_cache()
         dtok = self.cfg["tokenizers"][self.cfg["caches"][cache]["dtok"]]["preset"]
         return self._train_cfg(self.cfg["prior_train"], recipe="prior",
-                               out=str(self.out / "prior" / name),
+                               out=str(self.prior_dir(name, warm)),
+                               **({"ema_warmup": True} if warm else {}),
                                data={"cache": str(self.cache_dir(cache))},
                                components={"prior": {"preset": p["preset"],
                                                      "overrides": p.get("overrides", {})},
@@ -436,6 +453,21 @@ class Study:
                                                       + dis_deps if dis else mar_deps),
                              settings={"step": step, "weights": weights, "n": ev["num"],
                                        **(dsw if dis else msw)})
+        # the EMA warmup check: Figure 2's comparison with prior and DisCon retrained with it
+        chk = cfg.get("ema_warmup_check")
+        if chk:
+            wp, wd, n = chk["prior"], chk["continuous"], ev["num"]
+            self.add(f"tokens:warm:{wp}:0:{n}",
+                     lambda wp=wp, n=n: self.make_tokens(wp, 0, n, warm=True),
+                     deps=[f"warm:prior:{wp}"] + cfg_deps, settings={"n": n, **psw})
+            self.add(f"eval:warm:{wp}:dtok:0",
+                     lambda wp=wp, n=n: self.eval_prior_tokens(wp, 0, n, warm=True),
+                     deps=[f"tokens:warm:{wp}:0:{n}"], settings={"n": n, **psw})
+            self.add(f"eval:warm:{wp}:{wd}:0",
+                     lambda wp=wp, wd=wd, n=n: self.eval_cont(wd, wp, 0, n, warm=True,
+                                                              **dis_kw()),
+                     deps=[f"tokens:warm:{wp}:0:{n}", f"warm:cont:{wd}"] + dis_deps,
+                     settings={"n": n, **dsw})
         # Figures 2 and 5: pictures
         self.add("eval:figures", lambda: self.figures(discons[-1], best_prior, **dis_kw()),
                  deps=[sweep_tokens, f"cont:{discons[-1]}"] + dis_deps, settings=dsw)
@@ -467,16 +499,16 @@ class Study:
             raise DisconError(f"the {sweep} sweep has no results in {self.results}")
         return min(rows, key=lambda r: r["fid"])["settings"][key]
 
-    def tokens_path(self, prior: str, seed: int, n: int) -> Path:
-        return self.out / "tokens" / f"{prior}-seed{seed}-n{n}.pt"
+    def tokens_path(self, prior: str, seed: int, n: int, warm: bool = False) -> Path:
+        return self.out / ("warm" if warm else "") / "tokens" / f"{prior}-seed{seed}-n{n}.pt"
 
     def build(self, kind, preset, ckpt, **over):
         from discon_core.registry import build
         return build(kind, preset, checkpoint=ckpt, device=self.device, **over).eval()
 
-    def prior_module(self, p: str):
+    def prior_module(self, p: str, warm: bool = False):
         spec = self.cfg["priors"][p]
-        return self.build("prior", spec["preset"], self.out / "prior" / p / LAST,
+        return self.build("prior", spec["preset"], self.prior_dir(p, warm) / LAST,
                           **spec.get("overrides", {}))
 
     def dtok_module(self):
@@ -484,9 +516,9 @@ class Study:
         return self.build("dtok", self.cfg["tokenizers"][name]["preset"], self.tok_ckpt(name))
 
     @torch.no_grad()
-    def sample_prior(self, p: str, seed: int, n: int, cfg_scale: float):
+    def sample_prior(self, p: str, seed: int, n: int, cfg_scale: float, warm: bool = False):
         from discon_core.samples import _batch_seed, balanced_labels
-        prior = self.prior_module(p)
+        prior = self.prior_module(p, warm)
         from discon_core.pipeline import _sampling
         sampling = _sampling(prior)
         labels = balanced_labels(n, prior.num_classes)
@@ -500,17 +532,17 @@ class Study:
                                     generator=g))
         return torch.cat(out), labels, (time.perf_counter() - t0) / n
 
-    def make_tokens(self, p: str, seed: int, n: int) -> None:
+    def make_tokens(self, p: str, seed: int, n: int, warm: bool = False) -> None:
         cfg_scale = self.best("prior_cfg", "cfg_scale")
-        tokens, labels, sec = self.sample_prior(p, seed, n, cfg_scale)
-        path = self.tokens_path(p, seed, n)
+        tokens, labels, sec = self.sample_prior(p, seed, n, cfg_scale, warm)
+        path = self.tokens_path(p, seed, n, warm)
         path.parent.mkdir(parents=True, exist_ok=True)
         from discon_core.checkpoints import save_atomic
         save_atomic({"tokens": tokens, "labels": labels, "sec_per_img": torch.tensor(sec),
                      "cfg_scale": torch.tensor(cfg_scale)}, path)
 
-    def load_tokens(self, p: str, seed: int, n: int) -> dict:
-        return torch.load(self.tokens_path(p, seed, n), weights_only=True)
+    def load_tokens(self, p: str, seed: int, n: int, warm: bool = False) -> dict:
+        return torch.load(self.tokens_path(p, seed, n, warm), weights_only=True)
 
     def extractor(self, name: str):
         """One instance per extractor for the whole process (Inception: a checked 87 MB file)."""
@@ -565,24 +597,25 @@ class Study:
         images = torch.cat([dtok.decode(tokens[i:i + 250]) for i in range(0, len(tokens), 250)])
         return to_uint8(images), (time.perf_counter() - t0) / len(tokens)
 
-    def eval_prior_tokens(self, p: str, seed: int, n: int) -> None:
-        t = self.load_tokens(p, seed, n)
+    def eval_prior_tokens(self, p: str, seed: int, n: int, warm: bool = False) -> None:
+        t = self.load_tokens(p, seed, n, warm)
         images, dec = self.decode_ids(t["tokens"])
         row = self.score(images, t["labels"])
-        prior = self.prior_module(p)
-        self.write(f"eval:table3:{p}:dtok:{seed}", {
+        prior = self.prior_module(p, warm)
+        self.write(self._current, {
             **row, "settings": {"prior": p, "decoder": "dtok", "seed": seed,
                                 "prior_cfg": float(t["cfg_scale"])},
             "params_prior": n_params(prior), "sec_per_img": float(t["sec_per_img"]) + dec,
             "sec_per_img_prior": float(t["sec_per_img"])})
 
-    def cont_modules(self, name: str, step: int | None = None, weights: str = "ema"):
+    def cont_modules(self, name: str, step: int | None = None, weights: str = "ema",
+                     warm: bool = False):
         """Backbone, head and ctok of continuous model ``name`` at ``step`` (None: the end of
         the schedule; past it: the continued run of ``extended``); ``weights="raw"``: the
         checkpoint's raw weights instead of its EMA."""
         c = self.cfg["continuous"][name]
         end = self.cfg["continuous_train"]["steps"]
-        d = self.cont_dir(name) if not step or step <= end else self.long_dir(name)
+        d = self.cont_dir(name, warm) if not step or step <= end else self.long_dir(name)
         ckpt = d / (f"checkpoint-{step:07d}.pth" if step and step != end else LAST)
         if not ckpt.is_file() and step and step > end:
             ckpt = d / LAST  # the continued run's last step may not be a kept one
@@ -603,19 +636,19 @@ class Study:
 
     @torch.no_grad()
     def generate(self, name, prior, seed, n, *, step=None, ar_steps=None, temperature=None,
-                 cfg_scale=None, from_n=None, weights="ema"):
+                 cfg_scale=None, from_n=None, weights="ema", warm=False):
         """Images of continuous model ``name`` (from ``prior``'s saved tokens for DisCon);
         returns uint8 images, labels, seconds per image of the continuous stage + decoder."""
         from discon_core import sample_tokens
         from discon_core.samples import _batch_seed, balanced_labels
-        backbone, head, ctok = self.cont_modules(name, step, weights)
+        backbone, head, ctok = self.cont_modules(name, step, weights, warm)
         from discon_core.pipeline import _sampling
         sampling = _sampling(backbone)
         ar_steps = int(ar_steps or sampling.get("ar_steps", 16))
         cfg_scale = float(cfg_scale if cfg_scale is not None else 1.0)
         temperature = float(temperature if temperature is not None else 1.0)
         if prior is not None:
-            t = self.load_tokens(prior, seed, from_n or n)  # from_n: the first n of a larger set
+            t = self.load_tokens(prior, seed, from_n or n, warm)  # from_n: first n of a larger set
             labels, cond = t["labels"][:n], t["tokens"][:n].flatten(1)
         else:
             labels, cond = balanced_labels(n, backbone.class_num), None
@@ -632,14 +665,16 @@ class Study:
         settings = {"model": name, "prior": prior, "seed": seed, "ar_steps": ar_steps,
                     "temperature": temperature, "cfg_scale": cfg_scale,
                     "step": step or self.cfg["continuous_train"]["steps"],
-                    "head_steps": getattr(head, "num_sampling_steps", None), "weights": weights}
+                    "head_steps": getattr(head, "num_sampling_steps", None), "weights": weights,
+                    "ema_warmup": warm}
         return to_uint8(torch.cat(out)), labels, sec, settings, n_params(backbone, head)
 
     def eval_cont(self, name, prior, seed, n, extractor="fmnist", **kw) -> None:
         images, labels, sec, settings, params = self.generate(name, prior, seed, n, **kw)
         ref_n = self.ev["inception_num"] if extractor == "inception" else None
         row = self.score(images, labels, extractor, ref_n=ref_n)
-        sec_prior = (float(self.load_tokens(prior, seed, kw.get("from_n") or n)["sec_per_img"])
+        sec_prior = (float(self.load_tokens(prior, seed, kw.get("from_n") or n,
+                                            kw.get("warm", False))["sec_per_img"])
                      if prior else 0.0)
         stage = self._current
         self.write(stage, {**row, "settings": settings, "params": params,
@@ -743,25 +778,26 @@ class Study:
         from discon_core.pipeline import _sampling
         from discon_plugins import default_model
         d = self.cfg["default"]
-        name, p = d["continuous"], d["prior"]
+        name, p, warm = d["continuous"], d["prior"], bool(d.get("ema_warmup", False))
         c = self.cfg["continuous"][name]
         cache = self.cfg["caches"][c["cache"]]
         toks = self.cfg["tokenizers"]
-        backbone, head, ctok = self.cont_modules(name)
-        prior = self.prior_module(p)
+        backbone, head, ctok = self.cont_modules(name, warm=warm)
+        prior = self.prior_module(p, warm)
         where = f"configs/paper_cpu.yaml, seed {self.seed}"
+        tag = "warm:" if warm else ""  # the EMA warmup check's retrained stages
         comps = {
             "prior": {"module": prior, "extends": self.cfg["priors"][p]["preset"],
                       "params": self.cfg["priors"][p].get("overrides", {}),
                       "sampling": {**_sampling(prior), "cfg_scale": self.best("prior_cfg", "cfg_scale")},
-                      "description": f"embedded default prior: stage prior:{p} of {where}"},
+                      "description": f"embedded default prior: stage {tag}prior:{p} of {where}"},
             "dtok": {"module": self.dtok_module(), "extends": toks[cache["dtok"]]["preset"],
                      "description": f"embedded default dtok: stage tok:{cache['dtok']} of {where}"},
             "backbone": {"module": backbone, "head": head, "extends": c["backbone"],
                          "head_extends": c["backbone"], "params": c.get("overrides", {}),
                          "sampling": {**_sampling(backbone), "temperature": self.best(
                              f"fig7__{self.discons[0]}", "temperature")},
-                         "description": f"embedded default DisCon: stage cont:{name} of {where}"},
+                         "description": f"embedded default DisCon: stage {tag}cont:{name} of {where}"},
             "ctok": {"module": ctok, "extends": toks[cache["ctok"]]["preset"],
                      "description": f"embedded default ctok: stage tok:{cache['ctok']} of {where} "
                                     "(latent statistics folded into the weights)"},

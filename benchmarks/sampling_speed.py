@@ -12,12 +12,18 @@ on the same weights. Run::
     python benchmarks/sampling_speed.py --size mar-b --batch 1 --ar-steps 16 --dtype bf16 \
         --official ../mar-checkout          # ours in bf16 vs the official fp32 code
 
-Prints one row per configuration and the ratios measured in this run.
+Prints the command line, the machine load and the other busy processes, one row per
+configuration and the ratios measured in this run. Ours is run ``--warmup`` times untimed first
+(at the smallest AR step count; its time is printed): the first bf16 call packs the weights
+(:class:`discon_plugins.attention.Linear`), a one-time cost like loading them, and this also
+warms the process's allocator for the official runs that follow.
 """
 from __future__ import annotations
 
 import argparse
 import os
+import shlex
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -40,6 +46,23 @@ class Timer:
             return self.fn(*args, **kwargs)
         finally:
             self.seconds += time.perf_counter() - start
+
+
+def busy_processes(min_cpu: float = 10.0) -> list[str]:
+    """Other processes using >= ``min_cpu`` % of a core (ps's lifetime average), for the record."""
+    try:
+        out = subprocess.run(["ps", "-eo", "pid=,pcpu=,ni=,args="], capture_output=True, text=True,
+                             timeout=10, check=False).stdout
+    except (OSError, subprocess.SubprocessError):
+        return ["(ps unavailable)"]
+    rows = []
+    for line in out.splitlines():
+        pid, cpu, nice, cmd = line.split(None, 3)
+        if int(pid) != os.getpid() and float(cpu) >= min_cpu and not cmd.startswith("ps "):
+            # program names without their folders: the record names no path of this machine
+            words = [os.path.basename(w) if os.sep in w else w for w in cmd.split()]
+            rows.append(f"pid {pid} {cpu}% cpu nice {nice}: {' '.join(words)[:100]}")
+    return rows
 
 
 def randomize(module: torch.nn.Module, seed: int) -> None:
@@ -72,6 +95,8 @@ def main() -> None:
                     help="skip the official run above this many AR steps (it is the slow one)")
     ap.add_argument("--threads", type=int, default=None)
     ap.add_argument("--dtype", default="fp32", help="ours: fp32 | bf16 | fp16 (official: fp32)")
+    ap.add_argument("--warmup", type=int, default=1,
+                    help="untimed runs of ours (both heads) before the timed ones")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -98,6 +123,11 @@ def main() -> None:
         off_timer = Timer(official.diffloss.sample)
         official.diffloss.sample = off_timer
     labels = torch.arange(args.batch) % 1000
+    # the --official checkout's location is this machine's business
+    shown = ["<LTH14/mar checkout>" if prev == "--official" else a
+             for prev, a in zip([""] + sys.argv[:-1], sys.argv)]
+    print("# python " + " ".join(shlex.quote(a) for a in shown))
+    print("# other busy processes: " + ("; ".join(busy_processes()) or "none"))
     print(f"{args.size}, batch {args.batch}, {torch.get_num_threads()} threads, ours in "
           f"{args.dtype} (official fp32), load {os.getloadavg()[0]:.2f}; "
           f"diffusion head {diff.num_sampling_steps} steps, flow head {args.flow_steps} Euler steps")
@@ -110,6 +140,14 @@ def main() -> None:
               flush=True)
 
     with torch.no_grad():
+        for _ in range(args.warmup):
+            for name, head in (("diffusion", diff), ("flow", flow)):
+                start = time.perf_counter()
+                sample_tokens(bb, head, labels, ar_steps=min(steps_list),
+                              head_steps=args.flow_steps if name == "flow" else None,
+                              generator=torch.Generator().manual_seed(0))
+                print(f"(warm-up, ours {name}, {min(steps_list)} AR steps: "
+                      f"{time.perf_counter() - start:.2f} s)", flush=True)
         for steps in steps_list:  # interleave: official, ours (diffusion), ours (flow)
             if official is not None and steps <= args.official_max_steps:
                 off_timer.seconds = 0.0
@@ -126,7 +164,7 @@ def main() -> None:
                               generator=torch.Generator().manual_seed(0))
                 row(name, steps, time.perf_counter() - start, timer.seconds)
 
-    print("\nratios (same run):")
+    print(f"\nload after: {os.getloadavg()[0]:.2f}\nratios (same run):")
     base = min(steps_list)
     for steps in steps_list:
         if steps != base and ("ours diffusion", steps) in results:

@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from discon_core import build  # noqa: E402
 from discon_core.objectives import masked_ar_loss  # noqa: E402
-from discon_core.recipes import Recipe
+from discon_core.recipes import Recipe  # noqa: E402
 from discon_plugins.recipes import _mar_no_decay  # noqa: E402
 from discon_core.train import TrainConfig, Trainer  # noqa: E402
 

@@ -146,6 +146,35 @@ def _log_step(line: str) -> int | None:
     return int(record.get("step", 0)) if isinstance(record, dict) else None
 
 
+class FiniteCheck:
+    """Non-finite losses and gradient norms, recorded on the device every step and read back
+    only when the trainer is about to log, save or sample: one host sync per check instead of
+    two per step (on a GPU each sync stalls the queue of kernels). The first failing step, what
+    failed and its value are kept for the error."""
+
+    def __init__(self, device: torch.device):
+        self.step = torch.zeros((), dtype=torch.int64, device=device)   # steps recorded
+        self.first = torch.zeros((), dtype=torch.int64, device=device)  # 0: none yet
+        self.grad = torch.zeros((), dtype=torch.bool, device=device)    # the gradient failed
+        self.value = torch.zeros((), dtype=torch.float32, device=device)
+
+    def record(self, loss: torch.Tensor, gnorm: torch.Tensor) -> None:
+        self.step += 1
+        loss_ok, grad_ok = torch.isfinite(loss), torch.isfinite(gnorm)
+        new = ~(loss_ok & grad_ok) & (self.first == 0)
+        self.first = torch.where(new, self.step, self.first)
+        self.grad = torch.where(new, loss_ok, self.grad)  # a finite loss: the gradient failed
+        self.value = torch.where(new, torch.where(loss_ok, gnorm.float(), loss.float()),
+                                 self.value)
+
+    def check(self, trainer: "Trainer", lr: float) -> None:
+        if _all_reduce_max(float(self.first > 0), trainer.world):
+            first = int(self.first)  # this rank may be fine while another failed
+            trainer._nonfinite("gradient norm" if bool(self.grad) else "loss",
+                               float(self.value), lr, trainer.step - int(self.step) + first
+                               if first else trainer.step)
+
+
 class Trainer:
     """Runs a :class:`TrainConfig`. ``Trainer(cfg).fit(resume=...)`` returns the final step."""
 
@@ -377,6 +406,7 @@ class Trainer:
                    disable=not self.cfg.progress or self.rank != 0)
         per_rank = self.cfg.batch_size // self.world
         t0, seen = time.perf_counter(), 0
+        finite = FiniteCheck(self.device)
         self.wrapped.train()
         for batch in loader:
             self.dropped += per_rank - len(batch["labels"])
@@ -387,23 +417,28 @@ class Trainer:
                 group["lr"] = lr
             with self._autocast():
                 loss, logs = self.wrapped(batch, step=self.step, generator=self.generator)
-            loss_value = float(loss.detach())
-            if _all_reduce_max(0.0 if math.isfinite(loss_value) else 1.0, self.world):
-                self._nonfinite("loss", loss_value, lr)
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             clip = self.cfg.grad_clip if self.cfg.grad_clip else float("inf")
             gnorm = torch.nn.utils.clip_grad_norm_(self.params, clip)
             if hasattr(gnorm, "full_tensor"):
                 gnorm = gnorm.full_tensor()
-            if not torch.isfinite(gnorm):
-                self._nonfinite("gradient norm", float(gnorm), lr)
+            finite.record(loss.detach(), gnorm)  # on the device: no host sync per step
             self.optimizer.step()
             self.ema.update(self.step)
             self.step += 1
             seen += self.cfg.batch_size
             bar.update(1)
-            if self.step % self.cfg.log_every == 0 or self.step == self.total_steps:
+            log_now = self.step % self.cfg.log_every == 0 or self.step == self.total_steps
+            save_now = self.step % self.cfg.ckpt_every == 0 or self.step == self.total_steps
+            sample_now = self.cfg.sample_every and (self.step % self.cfg.sample_every == 0
+                                                    or self.step == self.total_steps)
+            if log_now or save_now or sample_now:
+                # before anything is logged, saved or sampled: a non-finite step since the
+                # last check stops the run (its weights are never written)
+                finite.check(self, lr)
+            if log_now:
+                loss_value = float(loss.detach())
                 dt = time.perf_counter() - t0
                 record = {"step": self.step, "loss": loss_value, "lr": lr,
                           "grad_norm": float(gnorm), "images_per_s": seen / dt if dt else None,
@@ -413,18 +448,16 @@ class Trainer:
                 self._log(record)
                 bar.set_postfix(loss=f"{loss_value:.4f}", lr=f"{lr:.2e}")
                 t0, seen = time.perf_counter(), 0
-            if self.step % self.cfg.ckpt_every == 0 or self.step == self.total_steps:
+            if save_now:
                 self.save()
-            if self.cfg.sample_every and (self.step % self.cfg.sample_every == 0
-                                          or self.step == self.total_steps):
+            if sample_now:
                 self._samples()
         bar.close()
         if self.step < self.total_steps:
             raise DisconError(f"data ran out at step {self.step} of {self.total_steps}")
         return self.step
 
-    def _nonfinite(self, what: str, value: float, lr: float) -> None:
-        failing = self.step + 1  # self.step counts the steps completed before this one
+    def _nonfinite(self, what: str, value: float, lr: float, failing: int) -> None:
         self._log({"step": failing, "event": "nonfinite", "what": what, "value": str(value),
                    "lr": lr})
         keep = (f"the last good checkpoint {self.last_good} is kept" if self.last_good

@@ -7,13 +7,22 @@ Attention backends (``attn_backend``):
 * ``"sdpa"``: ``torch.nn.functional.scaled_dot_product_attention`` (flash / mem-efficient / math,
   picked by torch);
 * ``"math"``: explicit ``softmax(q k^T * scale) v`` in fp32, for checking the others;
-* ``"auto"`` (default): xformers when it imports and the tensors are CUDA fp16/bf16, else sdpa.
+* ``"matmul"``: the same products in the input dtype (scores rounded to it; the softmax
+  accumulates in fp32). For bf16 on CPU this is ~1.8x faster than SDPA's flash kernel, which
+  runs small blocks with conversions (MAR-B decoder layer, [1, 12, 320, 64] from the fused qkv,
+  1 thread: 2.4 ms against 4.4 ms);
+* ``"auto"`` (default): xformers when it imports and the tensors are CUDA fp16/bf16, matmul for
+  bf16 on CPU, else sdpa.
+
+:class:`Linear` is ``nn.Linear`` with a faster bf16 CPU inference path (see its docstring); the
+blocks here and the heads use it.
 
 The backend actually used is logged once per process and backend, never silently switched.
 """
 from __future__ import annotations
 
 import logging
+import weakref
 
 import torch
 import torch.nn.functional as F
@@ -22,7 +31,10 @@ from torch import nn
 from discon_core.errors import DisconError
 
 log = logging.getLogger("discon.attention")
-BACKENDS = ("auto", "sdpa", "xformers", "math")
+BACKENDS = ("auto", "sdpa", "xformers", "math", "matmul")
+# Scores the matmul backend holds at once (elements, 128 MB in bf16): at large batches it
+# works through the batch in chunks instead of materializing [B, H, Lq, Lk] whole.
+MATMUL_SCORES_BUDGET = 1 << 26
 _announced: set[str] = set()
 
 try:  # optional extra: pip install 'discon[xformers]'
@@ -62,7 +74,9 @@ def pick_backend(requested: str, q: torch.Tensor) -> str:
         raise DisconError(f"unknown attn_backend {requested!r}; choose one of {', '.join(BACKENDS)}")
     xformers_ok = _xformers_usable(q)
     if requested == "auto":
-        return "xformers" if xformers_ok else "sdpa"
+        if xformers_ok:
+            return "xformers"
+        return "matmul" if q.device.type == "cpu" and q.dtype == torch.bfloat16 else "sdpa"
     if requested == "xformers" and not xformers_ok:
         why = ("xformers is not installed" if xops is None else
                "tensors are not CUDA fp16/bf16" if not (q.is_cuda and q.dtype in (
@@ -95,6 +109,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
             attn_mask, causal = _bottom_right_causal(q.shape[2], k.shape[2], q.device, q.dtype), False
         return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
                                               is_causal=causal)
+    if backend == "matmul":
+        return _matmul_attention(q, k, v, causal, attn_mask, dropout_p)
     scores = (q.float() @ k.float().transpose(-2, -1)) * q.shape[-1] ** -0.5
     if causal:
         scores = scores + _bottom_right_causal(q.shape[2], k.shape[2], q.device, torch.float32)
@@ -104,6 +120,29 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, backend: str
     if dropout_p > 0:
         probs = F.dropout(probs, p=dropout_p)
     return (probs @ v.float()).to(q.dtype)
+
+
+def _matmul_attention(q, k, v, causal: bool, attn_mask, dropout_p: float) -> torch.Tensor:
+    """``softmax(q k^T * scale + mask) v`` in q's dtype, a batch chunk at a time."""
+    if causal:
+        causal_mask = _bottom_right_causal(q.shape[2], k.shape[2], q.device, q.dtype)
+        attn_mask = causal_mask if attn_mask is None else attn_mask + causal_mask
+    if attn_mask is not None:
+        attn_mask = attn_mask.to(q.dtype)
+    per_row = q.shape[1] * q.shape[2] * k.shape[2]
+    chunk = max(1, MATMUL_SCORES_BUDGET // max(1, per_row))
+    outs = []
+    for i in range(0, max(1, q.shape[0]), chunk):  # one (empty) pass for an empty batch
+        rows = slice(i, i + chunk)
+        scores = (q[rows] * q.shape[-1] ** -0.5) @ k[rows].transpose(-2, -1)
+        if attn_mask is not None:
+            batched = attn_mask.dim() == 4 and attn_mask.shape[0] != 1
+            scores = scores + (attn_mask[rows] if batched else attn_mask)
+        probs = scores.softmax(dim=-1)
+        if dropout_p > 0:
+            probs = F.dropout(probs, p=dropout_p)
+        outs.append(probs @ v[rows])
+    return outs[0] if len(outs) == 1 else torch.cat(outs)
 
 
 def _bottom_right_causal(lq: int, lk: int, device, dtype) -> torch.Tensor:
@@ -136,6 +175,67 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
+_onednn_packing: bool | None = None  # probed once: can this torch run prepacked oneDNN linears?
+# Linear -> (source weight, its version, packed weight); weak, so modules (and their copies,
+# which never see these opaque tensors) are collected as usual.
+_packed_weights: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+_FUSED = {None: ("none", ""), "gelu": ("gelu", "none"), "silu": ("swish", "")}  # oneDNN post-ops
+
+
+def _onednn_packing_works() -> bool:
+    global _onednn_packing
+    if _onednn_packing is None:
+        try:
+            w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 2, dtype=torch.bfloat16))
+            x = torch.ones(1, 2, dtype=torch.bfloat16)
+            _onednn_packing = bool(torch.ops.mkldnn._linear_pointwise(
+                x, w, None, "none", [], "").eq(2).all())
+        except Exception as e:  # noqa: BLE001 - a build without oneDNN: plain F.linear
+            _onednn_packing = False
+            log.info("bf16 CPU linears use F.linear (no prepacked oneDNN weights: %s)", e)
+    return _onednn_packing
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, keys and init) with a faster bf16 inference path on CPU,
+    and an optional fused activation: ``layer(x, activation="gelu" | "silu")``.
+
+    ``F.linear`` in bf16 reorders the weight into oneDNN's blocked layout on every call; for the
+    few rows of a sampling step (a head step sees ~16 tokens) that costs about as much as the
+    product (1024x1024, 16 rows, 1 thread: 0.23 ms, against 0.13 ms with the weight packed).
+    Here the packed weight is made once and reused until the weight changes (in place,
+    ``.to()``, ``load_state_dict``); it holds one more copy of the weight. The activation then
+    runs on the fp32 accumulator inside the product (no extra pass, one rounding). fp32 and other
+    dtypes, other devices and anything autograd records use ``F.linear`` unchanged.
+    """
+
+    def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
+        packed = self._packed_weight(x)
+        if packed is not None:
+            attr, algorithm = _FUSED[activation]
+            return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, attr, [], algorithm)
+        y = F.linear(x, self.weight, self.bias)
+        if activation == "gelu":
+            return F.gelu(y)
+        return F.silu(y) if activation == "silu" else y
+
+    def _packed_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+        w = self.weight
+        if (x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or x.device.type != "cpu"
+                or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
+                or w.is_inference()  # made under inference_mode: no version counter to watch
+                or not _onednn_packing_works()):
+            return None
+        entry = _packed_weights.get(self)
+        # The entry keeps its source storage alive, so an equal address means the same storage;
+        # the version counter then catches in-place writes.
+        if entry is None or entry[0].data_ptr() != w.data_ptr() or entry[1] != w._version:
+            source = w.detach()
+            entry = (source, w._version, torch.ops.mkldnn._reorder_linear_weight(source))
+            _packed_weights[self] = entry
+        return entry[2]
+
+
 def modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """adaLN modulation (DiT): ``x * (1 + scale) + shift`` (RAR blocks and the MLP heads)."""
     return x * (1 + scale) + shift
@@ -157,11 +257,11 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
         self.attn_backend = attn_backend
-        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias)
+        self.qkv = Linear(dim, dim * 3, bias=qkv_bias)
         self.q_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
         self.k_norm = nn.LayerNorm(self.head_dim, eps=norm_eps) if qk_norm else nn.Identity()
         self.attn_drop = attn_drop
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor, *, causal: bool = False,
@@ -190,18 +290,18 @@ class Attention(nn.Module):
 
 
 class Mlp(nn.Module):
-    """fc1 -> exact GELU -> dropout -> fc2 -> dropout (timm ``Mlp``; keys fc1, fc2)."""
+    """fc1 -> exact GELU -> dropout -> fc2 -> dropout (timm ``Mlp``; keys fc1, fc2). The GELU is
+    fused into fc1 (:class:`Linear`)."""
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
-        self.fc1 = nn.Linear(dim, hidden)
-        self.act = nn.GELU()
+        self.fc1 = Linear(dim, hidden)
         self.drop1 = nn.Dropout(drop)
-        self.fc2 = nn.Linear(hidden, dim)
+        self.fc2 = Linear(hidden, dim)
         self.drop2 = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop2(self.fc2(self.drop1(self.act(self.fc1(x)))))
+        return self.drop2(self.fc2(self.drop1(self.fc1(x, activation="gelu"))))
 
 
 class Block(nn.Module):

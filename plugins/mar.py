@@ -35,7 +35,7 @@ from torch import nn
 
 from discon_core.errors import DisconError
 from discon_core.hooks import hookimpl
-from discon_plugins.attention import BACKENDS, Block
+from discon_plugins.attention import BACKENDS, Block, Linear
 
 COND_MODES = ("add", "tokens")
 
@@ -87,14 +87,14 @@ class MAR(nn.Module):
         # Encoder (parameter creation order follows the official module for readable dumps).
         self.class_emb = nn.Embedding(class_num, e)
         self.fake_latent = nn.Parameter(torch.zeros(1, e))
-        self.z_proj = nn.Linear(self.token_dim, e)
+        self.z_proj = Linear(self.token_dim, e)
         self.z_proj_ln = nn.LayerNorm(e, eps=1e-6)
         self.encoder_pos_embed_learned = nn.Parameter(torch.zeros(1, n + buffer_size, e))
         self.encoder_blocks = nn.ModuleList(
             [Block(e, encoder_num_heads, **block) for _ in range(encoder_depth)])
         self.encoder_norm = nn.LayerNorm(e, eps=norm_eps)
         # Decoder.
-        self.decoder_embed = nn.Linear(e, d)
+        self.decoder_embed = Linear(e, d)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, d))
         self.decoder_pos_embed_learned = nn.Parameter(torch.zeros(1, n + buffer_size, d))
         self.decoder_blocks = nn.ModuleList(

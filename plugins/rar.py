@@ -105,7 +105,7 @@ class RAR(nn.Module):
         codebook_size: discrete tokenizer codebook size V.
         randomness_anneal_start, randomness_anneal_end: training steps between which the
             probability of a random order falls linearly from 1 to 0.
-        attn_backend: auto / sdpa / xformers / math (``discon_plugins.attention``).
+        attn_backend: auto / sdpa / xformers / math / matmul (``discon_plugins.attention``).
     """
 
     def __init__(self, hidden_size: int = 768, num_hidden_layers: int = 24,

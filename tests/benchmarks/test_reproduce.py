@@ -63,8 +63,17 @@ def test_quick_profile_end_to_end(tmp_path, capsys):
     for stem in ("eval__table2__mar-s__0", "eval__table3__rar-l__discon-m__0",
                  "eval__table3__rar-s__dtok__0", "eval__fig6__discon-s__16",
                  "eval__fig7__discon-s-kl__1.0", "eval__fig8__mar-s__15", "eval__rfid__va-vae",
-                 "eval__bf16_check", "eval__figures"):
+                 "eval__bf16_check", "eval__figures", "eval__long__discon-m__60__raw",
+                 "eval__warm__rar-l__dtok__0", "eval__warm__rar-l__discon-m__0"):
         assert stem in rows, stem
+    # past the schedule: the continued run's kept step, scored with its raw weights
+    assert rows["eval__long__discon-m__45__ema"]["settings"]["step"] == 45
+    assert rows["eval__long__discon-m__30__raw"]["settings"]["weights"] == "raw"
+    # the EMA warmup check: its own prior, tokens and DisCon, trained with ema_warmup
+    assert rows["eval__warm__rar-l__discon-m__0"]["settings"]["ema_warmup"] is True
+    warm_cfg = yaml.safe_load((tmp_path / "study_quick" / "warm" / "cont" / "discon-m" /
+                               "config.yaml").read_text())
+    assert warm_cfg["ema_warmup"] is True
     row = rows["eval__table3__rar-l__discon-m__0"]
     assert row["N"] == 40 and row["extractor"] == "fmnist" and 0 <= row["class_accuracy"] <= 1
     assert row["fid"] > 0 and row["sec_per_img"] > row["sec_per_img_prior"] > 0
@@ -72,10 +81,12 @@ def test_quick_profile_end_to_end(tmp_path, capsys):
     # rendering: tables, plots and the claims, kept beside the quick results
     assert reproduce.main([str(path), "--quick", "--render"]) == 0
     md = (results / "RESULTS.md").read_text()
-    for text in ("Table 2 analogue", "Table 3 analogue", "rFID", "The paper's claims"):
+    for text in ("Table 2 analogue", "Table 3 analogue", "rFID", "The paper's claims",
+                 "Past the schedule", "The EMA warmup check"):
         assert text in md
     for png in ("fig6_fid_vs_ar_steps.png", "fig7_fid_vs_temperature.png",
-                "fig8_fid_vs_epochs.png", "fig2_discrete_vs_discon.png", "fig5_ar_steps.png"):
+                "fig8_fid_vs_epochs.png", "fig2_discrete_vs_discon.png", "fig5_ar_steps.png",
+                "fig8_fid_past_schedule.png"):
         assert (results / png).is_file()
     # a rerun finds every stage done
     capsys.readouterr()

@@ -101,7 +101,7 @@ def test_config_values_are_typed(capsys, tmp_path, item, needles):
 
 def test_numbers_in_any_yaml_spelling(tmp_path):
     path = toy_yaml(tmp_path, tmp_path / "out", steps="1e3", optimizer={"lr": "1.0e6"})
-    cfg = TrainConfig.load(path, ["optimizer.blr=2e-4", "grad_clip=null", "ema_rate=1"])
+    cfg = TrainConfig.load(path, ["optimizer.blr=2e-4", "grad_clip=null", "ema_rate=0"])
     assert cfg.steps == 1000 and isinstance(cfg.steps, int)
     assert cfg.optimizer.lr == 1e6 and cfg.optimizer.blr == 2e-4 and cfg.grad_clip is None
     assert isinstance(cfg.ema_rate, float) and cfg.optimizer.betas == (0.9, 0.95)

@@ -205,6 +205,24 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
     assert '"nonfinite"' in last
 
 
+def test_finite_check_reports_the_first_failing_step_only_when_read(tmp_path):
+    from discon_core.train import FiniteCheck
+    trainer = Trainer(toy_config(tmp_path / "fc"))
+    (tmp_path / "fc").mkdir()             # the error is also logged to OUT/log.jsonl
+    trainer.step = 10                     # a resumed run: steps 11.. are recorded here
+    check = FiniteCheck(torch.device("cpu"))
+    one = torch.tensor(1.0)
+    for loss, gnorm in ((one, one), (one, one), (one, torch.tensor(float("inf"))),
+                        (torch.tensor(float("nan")), one)):
+        check.record(loss, gnorm)
+    trainer.step = 14
+    with pytest.raises(DisconError, match=r"gradient norm is inf at step 13"):
+        check.check(trainer, lr=0.01)
+    fine = FiniteCheck(torch.device("cpu"))
+    fine.record(one, one)
+    fine.check(trainer, lr=0.01)          # nothing failed: no error
+
+
 def test_crash_while_saving_keeps_previous_checkpoint(tmp_path, monkeypatch):
     trainer = Trainer(toy_config(tmp_path / "disk", steps=4))
     trainer.fit()

@@ -1,9 +1,11 @@
-"""Attention backends: sdpa and math agree (also bottom-right causal, as a KV cache needs),
-explicit choices that cannot run are errors, and the Attention module's cache is exact."""
+"""Attention backends: sdpa, math and (bf16) matmul agree (also bottom-right causal, as a KV
+cache needs), explicit choices that cannot run are errors, the Attention module's cache is exact,
+and the bf16 Linear fast path equals F.linear and follows weight changes."""
 from __future__ import annotations
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from discon_core.errors import DisconError
 from discon_plugins import attention as A
@@ -57,3 +59,50 @@ def test_attention_module_kv_cache_equals_full_causal_pass():
 def test_dim_must_divide_heads():
     with pytest.raises(DisconError, match="not divisible by num_heads 5"):
         A.Attention(16, 5)
+
+
+@pytest.mark.parametrize("lq, lk, causal", [(10, 10, False), (3, 7, True), (1, 7, True)])
+def test_matmul_backend_in_bf16_close_to_math(lq, lk, causal, monkeypatch):
+    g = torch.Generator().manual_seed(2)
+    q, k, v = (torch.randn(5, 3, n, 8, generator=g) for n in (lq, lk, lk))
+    ref = A.attention(q, k, v, backend="math", causal=causal)
+    lowp = [t.bfloat16() for t in (q, k, v)]
+    assert A.pick_backend("auto", lowp[0]) == "matmul"  # bf16 on CPU
+    out = A.attention(*lowp, backend="auto", causal=causal)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref, atol=3e-2, rtol=0)
+    monkeypatch.setattr(A, "MATMUL_SCORES_BUDGET", 2 * 3 * lq * lk)  # batch in chunks of 2
+    torch.testing.assert_close(A.attention(*lowp, backend="matmul", causal=causal), out,
+                               atol=0, rtol=0)
+
+
+def test_matmul_backend_per_row_additive_mask():
+    g = torch.Generator().manual_seed(3)
+    q, k, v = (torch.randn(2, 2, 5, 4, generator=g) for _ in range(3))
+    mask = torch.zeros(2, 1, 5, 5).masked_fill(torch.rand(2, 1, 5, 5, generator=g) < 0.3,
+                                               float("-inf"))
+    mask[..., 0] = 0  # every query sees a key
+    torch.testing.assert_close(A.attention(q, k, v, backend="matmul", attn_mask=mask),
+                               A.attention(q, k, v, backend="math", attn_mask=mask),
+                               atol=1e-5, rtol=1e-5)
+
+
+def test_linear_bf16_fast_path_matches_f_linear_and_follows_weight_changes():
+    torch.manual_seed(0)
+    layer = A.Linear(64, 32).bfloat16()
+    x = torch.randn(2, 7, 64).bfloat16()
+    with torch.no_grad():
+        plain = F.linear(x, layer.weight, layer.bias)
+        torch.testing.assert_close(layer(x), plain)
+        assert (layer in A._packed_weights) == A._onednn_packing_works()  # the path under test
+        for name, act in (("gelu", F.gelu), ("silu", F.silu)):  # fused: on the fp32 accumulator
+            torch.testing.assert_close(layer(x, activation=name).float(), act(plain.float()),
+                                       atol=2e-2, rtol=1e-2)
+        layer.weight.mul_(2)  # in place: the packed copy must follow
+        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        layer.load_state_dict({"weight": torch.ones(32, 64), "bias": torch.zeros(32)})
+        row_sums = x.float().sum(-1, keepdim=True).expand(2, 7, 32)
+        torch.testing.assert_close(layer(x).float(), row_sums, atol=0.5, rtol=1e-2)
+    y = layer(x.requires_grad_())  # autograd: the plain path, gradients flow
+    y.sum().backward()
+    assert x.grad is not None and layer.weight.grad is not None
