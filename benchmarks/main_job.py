@@ -21,33 +21,20 @@ from pathlib import Path
 import torch
 import yaml
 
-from discon_core import Pipeline, build, metrics
+from discon_core import Pipeline, metrics
 from discon_core.train import LAST
+from discon_plugins.study import study_pipeline
+from reproduce import raw_weights, to_uint8  # benchmarks/ is on the path of a script run here
 
 
 def load(cfg: dict, weights: str = "ema") -> Pipeline:
     """The study's trained components, as its sample stage builds them; ``weights="raw"`` takes
     DisCon's raw (non-EMA) weights from the same checkpoint."""
     out = Path(cfg["out"])
-    discon = cfg["discon"]
-    ckpt = out / "discon" / LAST
-    if weights == "raw":
-        from safetensors.torch import save_file
-        ckpt = out / "discon" / "raw-weights.safetensors"
-        state = torch.load(out / "discon" / LAST, weights_only=True)["model"]
-        save_file({k: v.contiguous() for k, v in state.items()}, ckpt)
-    return Pipeline(
-        prior=build("prior", cfg["prior"]["preset"], checkpoint=out / "prior" / LAST,
-                    **(cfg["prior"].get("overrides") or {})),
-        dtok=build("dtok", cfg["dtok"]["preset"], checkpoint=out / "dtok" / LAST),
-        backbone=build("backbone", discon["backbone"], checkpoint=ckpt),
-        head=build("head", discon["head"], checkpoint=ckpt),
-        ctok=build("ctok", cfg["ctok"]["preset"], checkpoint=out / "ctok" / LAST,
-                   latents_stats=str(out / "cache" / "latents_stats.pt")))
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    return images.float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+    stats = ({} if cfg["ctok"].get("normalize", "stats") in (None, "none")
+             else {"latents_stats": str(out / "cache" / "latents_stats.pt")})
+    ckpt = raw_weights(out / "discon" / LAST) if weights == "raw" else None
+    return study_pipeline(out, cfg, stats, discon_checkpoint=ckpt)
 
 
 @torch.inference_mode()

@@ -620,12 +620,7 @@ class Study:
         if not ckpt.is_file() and step and step > end:
             ckpt = d / LAST  # the continued run's last step may not be a kept one
         if weights == "raw":
-            from safetensors.torch import save_file
-            raw = ckpt.with_name(ckpt.stem + "-raw.safetensors")
-            if not raw.is_file():
-                state = torch.load(ckpt, weights_only=True)["model"]
-                save_file({k: v.contiguous() for k, v in state.items()}, raw)
-            ckpt = raw
+            ckpt = raw_weights(ckpt)
         over = c.get("overrides", {})
         backbone = self.build("backbone", c["backbone"], ckpt, **over)
         head = self.build("head", c["backbone"], ckpt, **over)
@@ -875,6 +870,17 @@ class Study:
 def ctok_params(preset: str) -> dict:
     from discon_core.registry import resolve
     return resolve("ctok", preset).params
+
+
+def raw_weights(ckpt: Path) -> Path:
+    """The raw (non-EMA) weights of a training checkpoint as a file ``build()`` loads (it takes
+    the EMA when a file holds both); written once beside the checkpoint."""
+    from safetensors.torch import save_file
+    raw = ckpt.with_name(ckpt.stem + "-raw.safetensors")
+    if not raw.is_file():
+        state = torch.load(ckpt, weights_only=True)["model"]
+        save_file({k: v.contiguous() for k, v in state.items()}, raw)
+    return raw
 
 
 def to_uint8(images: torch.Tensor) -> torch.Tensor:

@@ -98,7 +98,7 @@ class EMA:
         return min(self.rate, (1 + step) / (10 + step)) if self.warmup else self.rate
 
     @torch.no_grad()
-    def update(self, step: int = 0) -> None:
+    def update(self, step: int) -> None:
         rate = self.rate_at(step)
         # one fused multi-tensor op per step instead of 2 kernels per parameter
         current = [p.detach().float() for p in self.params]

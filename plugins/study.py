@@ -233,23 +233,31 @@ def _model_stages(study: dict, secs: dict, ctok_overrides: dict, *, fresh_cache:
                  (out / "prior" / LAST).exists())
 
 
-def _sample_stage(study: dict, secs: dict, ctok_overrides: dict) -> Path:
-    """Stage 6: a grid, one column per class, and the same ids through the dtok's decoder."""
-    from discon_core.images import save_grid
+def study_pipeline(out: Path, secs: Mapping, ctok_overrides: dict, device="cpu", *,
+                   discon_checkpoint: Path | None = None):
+    """The study's trained pipeline from its stage folders (``secs``: the config's sections;
+    ``discon_checkpoint``: another file of backbone + head weights than the stage's last)."""
     from discon_core.pipeline import Pipeline
     from discon_core.registry import build
-    out, device, sample, prior = study["out"], study["device"], secs["sample"], secs["prior"]
-    _say("sample: prior -> backbone+head -> decoder")
+    prior, discon_ckpt = secs["prior"], discon_checkpoint or out / "discon" / LAST
     trained = {kind: component_spec(secs["discon"][kind], kind) for kind in ("backbone", "head")}
-    pipe = Pipeline(
+    return Pipeline(
         prior=build("prior", prior["preset"], checkpoint=out / "prior" / LAST, device=device,
                     **(prior.get("overrides") or {})),
         dtok=build("dtok", secs["dtok"]["preset"], checkpoint=out / "dtok" / LAST,
                    device=device),
-        **{kind: build(kind, s["preset"], checkpoint=out / "discon" / LAST, device=device,
+        **{kind: build(kind, s["preset"], checkpoint=discon_ckpt, device=device,
                        **s["overrides"]) for kind, s in trained.items()},
         ctok=build("ctok", secs["ctok"]["preset"], checkpoint=out / "ctok" / LAST,
                    device=device, **ctok_overrides))
+
+
+def _sample_stage(study: dict, secs: dict, ctok_overrides: dict) -> Path:
+    """Stage 6: a grid, one column per class, and the same ids through the dtok's decoder."""
+    from discon_core.images import save_grid
+    out, device, sample = study["out"], study["device"], secs["sample"]
+    _say("sample: prior -> backbone+head -> decoder")
+    pipe = study_pipeline(out, secs, ctok_overrides, device)
     num_classes = pipe.prior.num_classes
     labels = torch.arange(num_classes).repeat(int(sample.get("rows", 4)))
     g = torch.Generator(device).manual_seed(int(sample.get("seed", study["seed"])))
