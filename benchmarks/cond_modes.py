@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 from discon_core import build, sample_tokens
-from discon_core.cache import CachedDataset, build_cache, collate_cached
+from discon_plugins.cache import CachedDataset, build_cache, collate_cached
 from discon_plugins.recipes import DisconObjective
 from discon_core.train import TrainConfig, train
 

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 import yaml
 
-from discon_core import Pipeline, metrics
+from discon_core import Pipeline
+from discon_plugins import evaluation as metrics
 from discon_core.train import LAST
 from discon_plugins.study import study_pipeline
 from reproduce import raw_weights, to_uint8  # benchmarks/ is on the path of a script run here

@@ -5,7 +5,7 @@
     python benchmarks/reproduce.py configs/paper_cpu.yaml --quick         # tiny schedules
 
 Every stage is trained by discon's own recipes (``discon_core.train``) or measured with
-``discon_core.metrics``; a stage is one unit of work with inputs (other stages) and an output:
+``discon_plugins.evaluation``; a stage is one unit of work with inputs (other stages) and an output:
 
     tok:<name>     a tokenizer            -> OUT/tok/<name>/checkpoint-last.pth
     cache:<name>   ids + moments of the training set, and the latents' normalization
@@ -309,7 +309,7 @@ class Study:
         return bool(params.get("cond_vocab_size", 0))
 
     def build_cache(self, name: str) -> None:
-        from discon_core.cache import CachedDataset, build_cache
+        from discon_plugins.cache import CachedDataset, build_cache
         c = self.cfg["caches"][name]
         toks = self.cfg["tokenizers"]
         out = self.cache_dir(name)
@@ -517,7 +517,7 @@ class Study:
 
     @torch.no_grad()
     def sample_prior(self, p: str, seed: int, n: int, cfg_scale: float, warm: bool = False):
-        from discon_core.samples import _batch_seed, balanced_labels
+        from discon_plugins.generate import _batch_seed, balanced_labels
         prior = self.prior_module(p, warm)
         from discon_core.pipeline import _sampling
         sampling = _sampling(prior)
@@ -546,7 +546,7 @@ class Study:
 
     def extractor(self, name: str):
         """One instance per extractor for the whole process (Inception: a checked 87 MB file)."""
-        from discon_core import metrics
+        from discon_plugins import evaluation as metrics
         if name not in self._extractors:
             self._extractors[name] = metrics.get_extractor(name, self.device)
         return self._extractors[name]
@@ -554,7 +554,7 @@ class Study:
     def reference(self, n: int | None = None, extractor: str = "fmnist"):
         """Fashion-MNIST test (or its first n images), read once per extractor (an input keeps
         the features of the extractor that first scored it)."""
-        from discon_core import metrics
+        from discon_plugins import evaluation as metrics
         if (n, extractor) not in self._references:
             ref = metrics.load_input("fashion-mnist:test")
             if n:  # a fixed subset of the test set (Inception on this CPU: seconds per image)
@@ -566,7 +566,7 @@ class Study:
 
     def score(self, images: torch.Tensor, labels: torch.Tensor, extractor: str = "fmnist",
               ref_n: int | None = None) -> dict:
-        from discon_core import metrics
+        from discon_plugins import evaluation as metrics
         ext = self.extractor(extractor)
         gen = metrics.EvalInput("generated", images=metrics.TensorImages(images), labels=labels)
         ref = self.reference(ref_n, extractor)
@@ -575,12 +575,10 @@ class Study:
                                kid_subset_size=min(1000, len(images)), batch_size=250)
 
     def write(self, stage: str, row: dict) -> None:
-        from discon_core.checkpoints import atomic_path
+        from discon_core.checkpoints import save_atomic
         row = {"stage": stage, **row, "machine": machine(), "date": time.strftime("%Y-%m-%d")}
         row.pop("sample", None)
-        self.results.mkdir(parents=True, exist_ok=True)
-        with atomic_path(self.result(stage)) as tmp:
-            Path(tmp).write_text(json.dumps(row, indent=1, default=float))
+        save_atomic(row, self.result(stage))
 
     def eval_prior_alone(self, p: str, seed: int, n: int, cfg_scale: float) -> None:
         tokens, labels, sec = self.sample_prior(p, seed, n, cfg_scale)
@@ -635,7 +633,7 @@ class Study:
         """Images of continuous model ``name`` (from ``prior``'s saved tokens for DisCon);
         returns uint8 images, labels, seconds per image of the continuous stage + decoder."""
         from discon_core import sample_tokens
-        from discon_core.samples import _batch_seed, balanced_labels
+        from discon_plugins.generate import _batch_seed, balanced_labels
         backbone, head, ctok = self.cont_modules(name, step, weights, warm)
         from discon_core.pipeline import _sampling
         sampling = _sampling(backbone)
@@ -754,7 +752,7 @@ class Study:
 
     @torch.no_grad()
     def eval_rfid(self, name: str) -> None:
-        from discon_core import metrics
+        from discon_plugins import evaluation as metrics
         t = self.cfg["tokenizers"][name]
         tok = self.build(t["kind"], t["preset"], self.tok_ckpt(name))
         ext, ref = self.extractor("fmnist"), self.reference()

@@ -1,7 +1,7 @@
 """Training throughput of a DisCon backbone+head through ``discon_core.train.Trainer``.
 
 Random data of the real shapes (latent tokens, discrete ids, labels), the real objective
-(``objectives.masked_ar_loss``), AdamW with MAR's groups, grad clip, EMA. Reports images/s and
+(``masked_ar_loss`` of the discon recipe), AdamW with MAR's groups, grad clip, EMA. Reports images/s and
 the model FLOP utilisation (FLOPs counted by ``torch.utils.flop_counter`` on one step, divided by
 the peak of the device), and the same for a bare loop (forward, backward, AdamW step; no clip,
 EMA or logging) measured in the same run, so the ratio is the trainer's overhead.
@@ -25,7 +25,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from discon_core import build  # noqa: E402
-from discon_core.objectives import masked_ar_loss  # noqa: E402
+from discon_plugins.recipes import masked_ar_loss  # noqa: E402
 from discon_core.recipes import Recipe  # noqa: E402
 from discon_plugins.recipes import _mar_no_decay  # noqa: E402
 from discon_core.train import TrainConfig, Trainer  # noqa: E402

@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import hashlib
+import json
 import os
 import tempfile
 import urllib.error
@@ -29,6 +30,7 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from .errors import DisconError
@@ -196,11 +198,32 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
         Path(tmp).unlink(missing_ok=True)
 
 
-def save_atomic(obj: Any, path: str | os.PathLike) -> Path:
-    """``torch.save`` through :func:`atomic_path`."""
-    with atomic_path(path) as tmp, open(tmp, "wb") as f:
-        torch.save(obj, f)
-    return Path(path)
+def save_atomic(obj: Any, path: str | os.PathLike,
+                metadata: dict[str, str] | None = None) -> Path:
+    """Write ``obj`` through :func:`atomic_path`, by the suffix of ``path``: ``.json`` (numbers
+    such as numpy floats as floats), ``.safetensors`` (a dict of tensors, with ``metadata``),
+    ``.npz`` (a dict of arrays), anything else ``torch.save``."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        if path.suffix == ".json":
+            tmp.write_text(json.dumps(obj, indent=1, default=_json_value))
+        elif path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+            save_file({k: v.contiguous() for k, v in obj.items()}, str(tmp), metadata=metadata)
+        elif path.suffix == ".npz":
+            with open(tmp, "wb") as f:
+                np.savez(f, **obj)
+        else:
+            with open(tmp, "wb") as f:
+                torch.save(obj, f)
+    return path
+
+
+def _json_value(obj: Any) -> Any:
+    try:
+        return float(obj)
+    except (TypeError, ValueError):
+        return str(obj)
 
 
 def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
@@ -211,7 +234,7 @@ def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def download(url: str, dest: str | os.PathLike, sha256: str | None = None,
+def download_file(url: str, dest: str | os.PathLike, sha256: str | None = None,
              progress: bool = True) -> Path:
     """Fetch ``url`` (http(s) or file://) to ``dest``: temp file, sha256 check, atomic rename.
 
@@ -263,9 +286,10 @@ def package_file(url: str, sha256: str | None = None, what: str = "file") -> Pat
 
 
 def fetch(file: str, url: str | None = None, sha256: str | None = None,
-          what: str = "file") -> Path:
+          what: str = "file", download: bool = True) -> Path | None:
     """A cached file under ``$DISCON_HOME/checkpoints``: reuse it, or download it, or explain;
-    ``package:`` URLs are files inside an installed package (checked, never copied)."""
+    ``package:`` URLs are files inside an installed package (checked, never copied). With
+    ``download=False`` only checks that the file is here or can be downloaded (None: not here)."""
     if url is not None and url.startswith(PACKAGE_SCHEME):
         return package_file(url, sha256, what)
     dest = discon_home() / "checkpoints" / file
@@ -274,22 +298,25 @@ def fetch(file: str, url: str | None = None, sha256: str | None = None,
     if url is None:
         raise DisconError(f"{what}: expected file {dest} is missing and no download URL is "
                           "known; put the file there or pass its path")
+    if not download:
+        return None
     try:
-        return download(url, dest, sha256)
+        return download_file(url, dest, sha256)
     except DisconError as e:
         raise DisconError(f"{what}: expected file {dest} is missing and the download failed: "
                           f"{e}") from None
 
 
-def fetch_preset_checkpoint(preset) -> Path:
-    """The local path of a preset's official weights (downloaded on first use)."""
+def fetch_preset_checkpoint(preset, download: bool = True) -> Path | None:
+    """The local path of a preset's official weights (downloaded on first use); ``download``
+    as in :func:`fetch` (a pipeline checks every preset this way before loading any)."""
     src = preset.checkpoint
     what = f"{preset.kind} preset {preset.name!r}"
     if src is None:
         raise DisconError(f"{what} has no published checkpoint; train one with `discon train` "
-                          "and pass its path with --checkpoint")
+                          f"and pass its path (--{preset.kind}-checkpoint PATH)")
     try:
-        return fetch(src.file, src.url, src.sha256, what=what)
+        return fetch(src.file, src.url, src.sha256, what=what, download=download)
     except DisconError as e:
         where = f" (get it from {src.url})" if src.url else (f" ({src.note})" if src.note else "")
         raise DisconError(f"{e}{where}") from None

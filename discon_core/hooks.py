@@ -39,6 +39,9 @@ BUILTIN_PLUGINS = (
     "discon_plugins.recipes",
     "discon_plugins.datasets",
     "discon_core.cli",
+    "discon_plugins.cache",
+    "discon_plugins.generate",
+    "discon_plugins.evaluation",
     "discon_plugins.extractors",
     "discon_plugins.maskgit_vq",
     "discon_plugins.kl_vae",
@@ -80,7 +83,7 @@ class _Specs:
     @hookspec
     def discon_register_extractors(self, register: Callable[..., None]) -> None:
         """Feature extractors for ``discon eval``: ``register(name, factory, override=False)``,
-        ``factory(device=...)`` returns the extractor module (see discon_core/metrics.py)."""
+        ``factory()`` returns the extractor module (interface: discon_plugins/evaluation.py)."""
 
     @hookspec
     def discon_register_commands(self, subparsers) -> None:
@@ -89,27 +92,18 @@ class _Specs:
 
 
 @dataclass(frozen=True)
-class Factory:
-    """A registered component factory and the plugin that provided it."""
-
-    kind: str
-    name: str
-    fn: Callable[..., object]
-    plugin: str
-
-
-@dataclass(frozen=True)
 class Named:
-    """A registered recipe, dataset or extractor and the plugin that provided it."""
+    """A registered factory (component, recipe, dataset or extractor) and the plugin that
+    provided it; ``kind`` is set for components."""
 
     name: str
     fn: Callable[..., object]
     plugin: str
+    kind: str | None = None
 
 
 _manager: pluggy.PluginManager | None = None
-_factories: dict[tuple[str, str], Factory] | None = None
-_named: dict[str, dict[str, Named]] = {}
+_named: dict[str, dict] = {}  # hook name -> {name or (kind, name): Named}
 generation = 0  # bumped whenever the plugin set changes, so caches built from it (registry) refresh
 
 
@@ -130,83 +124,67 @@ def plugin_manager() -> pluggy.PluginManager:
 def register_plugin(plugin: object, name: str | None = None) -> None:
     """Register a plugin object (a module or any object with the hook) programmatically,
     e.g. from a notebook; its factories are visible on the next ``factories()`` call."""
-    global _factories, generation
+    global generation
     plugin_manager().register(plugin, name=name)
-    _factories = None
     _named.clear()
     generation += 1
 
 
 def reset() -> None:
     """Forget the plugin manager and factories (re-discovers entry points on next use)."""
-    global _manager, _factories, generation
+    global _manager, generation
     _manager = None
-    _factories = None
     _named.clear()
     generation += 1
 
 
-def _is_builtin(plugin_name: str) -> bool:
-    return plugin_name in BUILTIN_PLUGINS
-
-
-def factories() -> dict[tuple[str, str], Factory]:
-    """All registered factories keyed by (kind, name). Built-ins register first."""
-    global _factories
-    if _factories is not None:
-        return _factories
-    found: dict[tuple[str, str], Factory] = {}
-    for impl in _impls("discon_register_components"):
-        plugin = impl.plugin_name
-
-        def register(kind: str, name: str, factory: Callable[..., object], *,
-                     override: bool = False, _plugin: str = plugin) -> None:
-            if kind not in KINDS:
-                raise DisconError(
-                    f"plugin {_plugin!r} registers {name!r} under unknown kind {kind!r}; "
-                    f"kinds are: {', '.join(KINDS)}")
-            if not callable(factory):
-                raise DisconError(f"plugin {_plugin!r}: factory for {kind} {name!r} is not callable")
-            previous = found.get((kind, name))
-            if previous is not None and not override:
-                raise DisconError(
-                    f"plugin {_plugin!r} registers {kind} {name!r}, which plugin "
-                    f"{previous.plugin!r} already provides; pass override=True to "
-                    "register() to replace it deliberately")
-            found[(kind, name)] = Factory(kind, name, factory, _plugin)
-
-        impl.function(register=register)
-    _factories = found
-    return found
-
-
 def _impls(hook: str) -> list:
-    """Implementations of ``hook``, built-ins first (pluggy calls last-registered first)."""
+    """Implementations of ``hook``: built-ins first, in their listed order, then the others by
+    name (pluggy itself calls the last registered first)."""
     impls = getattr(plugin_manager().hook, hook).get_hookimpls()
-    return sorted(impls, key=lambda i: (not _is_builtin(i.plugin_name), i.plugin_name))
+    order = {name: i for i, name in enumerate(BUILTIN_PLUGINS)}
+    return sorted(impls, key=lambda i: (order.get(i.plugin_name, len(order)), i.plugin_name))
 
 
-def _collect(what: str) -> dict[str, Named]:
-    """name -> Named for one of recipes / datasets / extractors (same override rules as
-    components: replacing a name another plugin registered needs ``override=True``)."""
+def _collect(what: str) -> dict:
+    """All registrations of ``discon_register_<what>``, built-ins first: replacing a name that
+    another plugin registered needs ``override=True``. Components are keyed by (kind, name)."""
     if what in _named:
         return _named[what]
-    found: dict[str, Named] = {}
-    for impl in _impls(f"discon_register_{what}"):
-        def register(name: str, fn: Callable[..., object], *, override: bool = False,
-                     _plugin: str = impl.plugin_name) -> None:
-            if not callable(fn):
-                raise DisconError(f"plugin {_plugin!r}: {what[:-1]} {name!r} is not callable")
-            previous = found.get(name)
-            if previous is not None and not override:
-                raise DisconError(f"plugin {_plugin!r} registers {what[:-1]} {name!r}, which "
-                                  f"plugin {previous.plugin!r} already provides; pass "
-                                  "override=True to register() to replace it deliberately")
-            found[name] = Named(name, fn, _plugin)
+    found: dict = {}
 
+    def add(key, item: Named, label: str, override: bool) -> None:
+        if not callable(item.fn):
+            raise DisconError(f"plugin {item.plugin!r}: {label} is not callable")
+        previous = found.get(key)
+        if previous is not None and not override:
+            raise DisconError(f"plugin {item.plugin!r} registers {label}, which plugin "
+                              f"{previous.plugin!r} already provides; pass override=True to "
+                              "register() to replace it deliberately")
+        found[key] = item
+
+    for impl in _impls(f"discon_register_{what}"):
+        plugin = impl.plugin_name
+        if what == "components":
+            def register(kind: str, name: str, factory: Callable[..., object], *,
+                         override: bool = False, _plugin: str = plugin) -> None:
+                if kind not in KINDS:
+                    raise DisconError(f"plugin {_plugin!r} registers {name!r} under unknown kind "
+                                      f"{kind!r}; kinds are: {', '.join(KINDS)}")
+                add((kind, name), Named(name, factory, _plugin, kind), f"{kind} {name!r}",
+                    override)
+        else:
+            def register(name: str, fn: Callable[..., object], *, override: bool = False,
+                         _plugin: str = plugin) -> None:
+                add(name, Named(name, fn, _plugin), f"{what[:-1]} {name!r}", override)
         impl.function(register=register)
     _named[what] = found
     return found
+
+
+def factories() -> dict[tuple[str, str], Named]:
+    """Component factories keyed by (kind, name)."""
+    return _collect("components")
 
 
 def recipes() -> dict[str, Named]:

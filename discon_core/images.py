@@ -31,8 +31,10 @@ def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None,
-              upscale: int = 1) -> Path:
-    """Save a batch as one PNG grid (``upscale`` enlarges small images, nearest-neighbour)."""
+              upscale: int | None = None) -> Path:
+    """Save a batch as one PNG grid; ``upscale`` enlarges it (nearest-neighbour), by default
+    so that small images (Fashion-MNIST's 32 px) show at 128 px."""
+    upscale = upscale or max(1, 128 // images.shape[-1])
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     img = Image.fromarray(make_grid(images, nrow))

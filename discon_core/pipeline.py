@@ -26,12 +26,23 @@ import numpy as np
 import torch
 
 from .errors import DisconError
-from .objectives import mask_from_orders, random_orders
 
 CFG_SCHEDULES = ("linear", "constant")
 
 
 # -- the continuous stage ------------------------------------------------------------------------
+
+def random_orders(batch: int, seq_len: int, generator: torch.Generator | None = None,
+                  device: torch.device | str | None = None) -> torch.Tensor:
+    """An independent random permutation of ``range(seq_len)`` per row: int64 [B, N]."""
+    return torch.rand(batch, seq_len, generator=generator, device=device).argsort(dim=1)
+
+
+def mask_from_orders(orders: torch.Tensor, num_masked: int) -> torch.Tensor:
+    """bool [B, N], True at ``orders[:, :num_masked]`` (the first positions of each order)."""
+    mask = torch.zeros(orders.shape, dtype=torch.bool, device=orders.device)
+    return mask.scatter(1, orders[:, :num_masked], True)
+
 
 def mask_schedule(seq_len: int, ar_steps: int) -> list[int]:
     """MAR's cosine schedule without data: the masked count after each step (clamped as the
@@ -241,23 +252,6 @@ def check_compatible(prior=None, dtok=None, backbone=None, head=None, ctok=None)
     return "continuous"
 
 
-def _preflight(kind: str, name: str) -> None:
-    """Raise now if ``kind``/``name``'s released weights can neither be found nor downloaded."""
-    from .checkpoints import discon_home
-    from .registry import resolve
-
-    src = resolve(kind, name).checkpoint
-    if src is None:
-        raise DisconError(f"{kind} preset {name!r} has no published checkpoint: train one "
-                          f"(`discon train`) and pass its path with --{kind}-checkpoint PATH")
-    dest = discon_home() / "checkpoints" / src.file
-    if src.url is None and not dest.is_file():
-        hint = f" ({src.note})" if src.note else ""
-        raise DisconError(f"{kind} preset {name!r}: expected weights file {dest} is missing and "
-                          f"has no public download{hint}; put the file there or pass "
-                          f"--{kind}-checkpoint PATH")
-
-
 class Pipeline:
     """Class labels -> images, through whichever components are given (see the module doc)."""
 
@@ -285,7 +279,8 @@ class Pipeline:
         (default: the preset's released weights) or None (random init). The head defaults to the
         preset of the backbone's name, and to the backbone's checkpoint file (MAR layout holds
         both). Compatibility is checked on meta-device copies before any weights load."""
-        from .registry import build
+        from .checkpoints import fetch_preset_checkpoint
+        from .registry import build, resolve
 
         if backbone is not None and head is None:
             head = backbone
@@ -297,7 +292,7 @@ class Pipeline:
         check_compatible(**meta)
         for kind, name in names.items():  # missing unreleased weights: fail before any download
             if name and ckpts.get(kind, "pretrained") == "pretrained":
-                _preflight(kind, name)
+                fetch_preset_checkpoint(resolve(kind, name), download=False)
         built = {k: build(k, n, checkpoint=ckpts.get(k, "pretrained"), device=device, dtype=dtype)
                  if n else None for k, n in names.items()}
         return cls(**built)

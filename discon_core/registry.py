@@ -32,26 +32,13 @@ from typing import Any
 import torch
 import yaml
 
-from . import hooks
-from .config import check_keys, one_line, read_text
+from . import checkpoints, hooks
+from .config import check_keys, from_mapping, one_line, read_text
 from .errors import DisconError, close_matches
 from .interfaces import KINDS, PROTOCOLS
 
 BUILTIN_REGISTRY = Path(__file__).with_name("registry.yaml")
 REGISTRY_ENV = "DISCON_REGISTRY"
-
-ENTRY_FIELDS = {
-    "factory": str,
-    "extends": str,
-    "description": str,
-    "params": dict,
-    "checkpoint": (dict, type(None)),
-    "sampling": dict,
-    "classes": (list, str),  # class names (index = id) or a dataset's: `classes: fashion-mnist`
-}
-CHECKPOINT_FIELDS = {"file": str, "url": (str, type(None)), "sha256": (str, type(None)),
-                     "note": str}
-
 
 @dataclass(frozen=True)
 class CheckpointSource:
@@ -61,6 +48,20 @@ class CheckpointSource:
     url: str | None = None
     sha256: str | None = None
     note: str | None = None
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One registry entry as written, before ``extends`` is applied: the schema every registry
+    file and plugin preset is checked against (strict keys and types, by config.from_mapping)."""
+
+    factory: str | None = None
+    extends: str | None = None
+    description: str | None = None
+    params: dict | None = None
+    checkpoint: CheckpointSource | None = None
+    sampling: dict | None = None
+    classes: Any = None  # class names (index = id) or a dataset's: `classes: fashion-mnist`
 
 
 @dataclass(frozen=True)
@@ -100,12 +101,6 @@ def set_user_registry(path: str | os.PathLike | None) -> None:
     _cache = None
 
 
-def _type_name(t) -> str:
-    if isinstance(t, tuple):
-        return " or ".join("null" if x is type(None) else _type_name(x) for x in t)
-    return {dict: "mapping", str: "string", list: "list"}.get(t, t.__name__)
-
-
 def _validate_file(path: Path) -> dict[str, dict[str, dict]]:
     """Parse and validate one registry file; errors name the file, entry and field."""
     text = read_text(path, "registry file")
@@ -134,27 +129,15 @@ def _validate(data: Any, source: str) -> dict[str, dict[str, dict]]:
             where = f"{source}, entry {kind}/{name}"
             if not isinstance(entry, dict):
                 raise DisconError(f"{where}: must be a mapping, got {type(entry).__name__}")
-            check_keys(entry, ENTRY_FIELDS, where, "field")
-            for key, value in entry.items():
-                if not isinstance(value, ENTRY_FIELDS[key]):
-                    raise DisconError(f"{where}, field {key!r}: expected "
-                                      f"{_type_name(ENTRY_FIELDS[key])}, got {type(value).__name__}")
-            if "factory" not in entry and "extends" not in entry:
-                raise DisconError(f"{where}: missing field 'factory' (or 'extends')")
-            ckpt = entry.get("checkpoint")
-            if ckpt is not None:
-                if "file" not in ckpt:
-                    raise DisconError(f"{where}, field 'checkpoint': missing 'file'")
-                check_keys(ckpt, CHECKPOINT_FIELDS, f"{where}, field 'checkpoint'")
-                for key, value in ckpt.items():
-                    if not isinstance(value, CHECKPOINT_FIELDS[key]):
-                        raise DisconError(f"{where}, field 'checkpoint.{key}': expected "
-                                          f"{_type_name(CHECKPOINT_FIELDS[key])}, got "
-                                          f"{type(value).__name__}")
-                sha = ckpt.get("sha256")
-                if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
-                    raise DisconError(f"{where}, field 'checkpoint.sha256': expected 64 lowercase "
-                                      f"hex digits, got {sha!r}")
+            checked = from_mapping(Entry, entry, where)
+            if checked.factory is None and checked.extends is None:
+                raise DisconError(f"{where}: missing key 'factory' (or 'extends')")
+            if not isinstance(checked.classes, (list, str, type(None))):
+                raise DisconError(f"{where}: classes must be a list of names or a dataset name")
+            sha = checked.checkpoint.sha256 if checked.checkpoint else None
+            if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
+                raise DisconError(f"{where}: checkpoint.sha256 must be 64 lowercase hex digits, "
+                                  f"got {sha!r}")
     return data
 
 
@@ -338,8 +321,6 @@ def build(kind: str, name: str, *, checkpoint: str | os.PathLike | None = None,
     Returns the module, in eval() mode when weights were loaded; ``module.discon_preset`` is the
     resolved :class:`Preset` with the parameters actually used.
     """
-    from . import checkpoints  # local: checkpoints imports registry types
-
     preset = resolve(kind, name)
     facs = hooks.factories()
     fac = facs.get((kind, preset.factory))

@@ -365,8 +365,7 @@ class Trainer:
             self.module.train()
             torch.set_rng_state(rng)
         if images is not None and self.rank == 0:
-            save_grid(images.float(), self.out / "samples" / f"step-{self.step:07d}.png",
-                      upscale=max(1, 128 // images.shape[-1]))
+            save_grid(images.float(), self.out / "samples" / f"step-{self.step:07d}.png")
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16,

@@ -70,9 +70,8 @@ def export(components: dict[str, dict[str, Any]], *, description: str) -> dict[s
 
     ``module`` is the trained, loaded component (its state dict is stored in fp16; a ``ctok``
     gets its latent statistics folded in), ``extends`` the preset it was built from."""
-    from safetensors.torch import save_file
 
-    from discon_core.checkpoints import atomic_path, sha256_of
+    from discon_core.checkpoints import atomic_path, save_atomic, sha256_of
 
     FOLDER.mkdir(parents=True, exist_ok=True)
     presets: dict[str, dict] = {}
@@ -90,8 +89,7 @@ def export(components: dict[str, dict[str, Any]], *, description: str) -> dict[s
         if bad:
             raise ValueError(f"{kind}: values out of fp16 range in {bad[:3]}")
         file = FOLDER / f"{kind}.safetensors"
-        with atomic_path(file) as tmp:
-            save_file(state, str(tmp))
+        save_atomic(state, file)
         file.chmod(0o644)  # package data: readable by every user
         shas[file.name] = sha256_of(file)
         checkpoint = {"file": f"fmnist/{file.name}", "url": PACKAGE_URL + file.name,

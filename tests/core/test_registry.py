@@ -115,11 +115,13 @@ def test_user_registry_via_environment(toy_plugin, tmp_path, monkeypatch):
     ("head: [unclosed", r"user.yaml is not valid YAML"),
     ("- just a list", r"top level must be a mapping"),
     ("heads: {}", r"unknown kind 'heads'.*did you mean: head"),
-    ("head: {x: {params: {width: 3}}}", r"entry head/x: missing field 'factory'"),
-    ("head: {x: {factory: toy, params: [1, 2]}}", r"entry head/x, field 'params': expected mapping, got list"),
-    ("head: {x: {factory: toy, parms: {}}}", r"entry head/x: unknown field 'parms'.*did you mean: params"),
-    ("head: {x: {factory: toy, checkpoint: {url: 'http://a'}}}", r"field 'checkpoint': missing 'file'"),
-    ("head: {x: {factory: toy, checkpoint: {file: a, sha256: xyz}}}", r"checkpoint.sha256': expected 64"),
+    ("head: {x: {params: {width: 3}}}", r"entry head/x: missing key 'factory'"),
+    ("head: {x: {factory: toy, params: [1, 2]}}", r"entry head/x: params must be a mapping, got \[1, 2\]"),
+    ("head: {x: {factory: toy, parms: {}}}", r"entry head/x: unknown key 'parms'.*did you mean: params"),
+    ("head: {x: {factory: toy, checkpoint: {url: 'http://a'}}}", r"entry head/x: missing key checkpoint.file"),
+    ("head: {x: {factory: toy, checkpoint: {file: a, urll: b}}}", r"checkpoint: unknown key 'urll'.*did you mean: url"),
+    ("head: {x: {factory: toy, checkpoint: {file: a, sha256: xyz}}}", r"checkpoint.sha256 must be 64"),
+    ("head: {x: {factory: toy, classes: 3}}", r"entry head/x: classes must be a list"),
 ])
 def test_malformed_registry_names_file_entry_field(toy_plugin, tmp_path, text, match):
     registry.set_user_registry(write(tmp_path, text))

@@ -12,7 +12,8 @@ import yaml
 
 from discon_core import build
 from discon_core.checkpoints import package_file, sha256_of
-from discon_core.cli import main, parse_labels
+from discon_core.cli import main
+from discon_plugins.generate import parse_labels
 from discon_core.errors import DisconError
 from discon_plugins import default_model
 
@@ -83,7 +84,7 @@ def test_labels_by_id_or_name():
 def test_discon_run_default_pipeline_end_to_end(tmp_path):
     """`discon run` with no component: the classifier agrees with the requested labels for most
     images (the figures are in docs/default_model.md)."""
-    from discon_core import metrics
+    from discon_plugins import evaluation
     out = tmp_path / "samples"
     r = run("run", "--out", str(out), "--compare-discrete", "--ar-steps-sweep", "1,16")
     assert r.returncode == 0, r.stderr
@@ -97,7 +98,7 @@ def test_discon_run_default_pipeline_end_to_end(tmp_path):
     assert len(pngs) == 20  # two per class, classes in turn
     images = torch.stack([torch.from_numpy(__import__("numpy").array(Image.open(p)))
                           for p in pngs]).permute(0, 3, 1, 2)
-    _, logits = metrics.get_extractor("fmnist")(images)
+    _, logits = evaluation.get_extractor("fmnist")(images)
     agree = (logits.argmax(1) == torch.arange(20) % 10).float().mean().item()
     assert agree >= 0.6, f"the classifier agrees with only {agree:.0%} of the requested labels"
 

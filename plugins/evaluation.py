@@ -1,5 +1,6 @@
-"""Evaluation in one place: FID, KID, Inception Score, precision/recall (torch-fidelity's
-implementations), class accuracy and PSNR, over any registered feature extractor.
+"""Evaluation, a built-in plugin: FID, KID, Inception Score, precision/recall (torch-fidelity's
+implementations), class accuracy and PSNR over any registered feature extractor, and the
+``discon eval`` command. Optional (``pip install 'discon[eval]'``): the core never imports it.
 
 An input is a folder of images, an ``.npz`` of images (ADM layout: ``arr_0`` uint8 NHWC,
 optional ``arr_1`` labels), an ``.npz`` of statistics (``mu``, ``sigma``: FID only), a folder
@@ -8,7 +9,8 @@ written by ``discon sample`` (its ``samples.npz``), a registered dataset's split
 (``folder:PATH``). Features of dataset references are computed once and
 cached under ``$DISCON_HOME/eval/`` keyed by dataset, extractor and preprocessing.
 
-The core knows only the extractor interface (see ``discon_plugins/extractors.py``): a module
+Extractors (built-ins in ``discon_plugins/extractors.py``) are registered through the
+``discon_register_extractors`` hook; this module knows only their interface: a module
 with ``name``, ``feature_dim``, ``num_classes`` (0: no logits), ``preprocessing`` and
 ``forward(uint8 [B,3,H,W]) -> (features [B,D], logits [B,K] | None)``. It is registered with
 torch-fidelity (``register_feature_extractor``) and run through its feature loop, always with
@@ -19,6 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,8 +29,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import hooks
-from .errors import DisconError, close_matches
+from discon_core import cli, hooks
+from discon_core.errors import DisconError, close_matches
+from discon_core.hooks import hookimpl
+from discon_core.runtime import check_output_dir, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -197,7 +202,7 @@ def load_input(spec: str) -> EvalInput:
     """An input from its command-line form (see the module doc)."""
     kind, _, split = spec.partition(":")
     if split and kind != "folder" and kind in hooks.datasets():
-        from .data import build_dataset
+        from discon_core.data import build_dataset
         ds = build_dataset({"type": kind, "split": split})
         labels = getattr(ds, "labels", None)
         if labels is None:
@@ -289,7 +294,7 @@ def extract(extractor, images, *, device: torch.device, batch_size: int = 64,
 
 
 def _cache_path(key: str, extractor) -> Path:
-    from .checkpoints import discon_home
+    from discon_core.checkpoints import discon_home
     prep = hashlib.sha256(extractor.preprocessing.encode()).hexdigest()[:12]
     return discon_home() / "eval" / f"{key}-{extractor.name}-{prep}.safetensors"
 
@@ -302,9 +307,9 @@ def features_of(inp: EvalInput, extractor, **kw) -> dict[str, torch.Tensor]:
     if inp.cache_key is None:
         inp.features = extract(extractor, inp.images, **kw)
         return inp.features
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
-    from .checkpoints import atomic_path
+    from discon_core.checkpoints import save_atomic
     path = _cache_path(inp.cache_key, extractor)
     if path.is_file():
         try:
@@ -314,10 +319,8 @@ def features_of(inp: EvalInput, extractor, **kw) -> dict[str, torch.Tensor]:
         except Exception as e:  # a damaged cache entry is recomputed, never trusted
             log.warning("recomputing damaged reference cache %s: %s", path, e)
     inp.features = extract(extractor, inp.images, **kw)
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in inp.features.items()}, str(tmp),
-                  metadata={"source": inp.source, "extractor": extractor.name,
-                            "preprocessing": extractor.preprocessing})
+    save_atomic(inp.features, path, metadata={"source": inp.source, "extractor": extractor.name,
+                                              "preprocessing": extractor.preprocessing})
     return inp.features
 
 
@@ -427,3 +430,90 @@ def reconstruct(tokenizer, inp: EvalInput, *, device, batch_size: int = 64,
         scores.append(psnr(x, y).cpu())
     out = EvalInput(f"reconstructions of {inp.source}", images=TensorImages(torch.cat(recon)))
     return out, float(torch.cat(scores).mean())
+
+
+# ------------------------------------------------------------------------------------------------
+# discon eval
+
+def _add_eval(sub) -> None:
+    p = sub.add_parser(
+        "eval", help="FID, KID, IS, precision/recall, class accuracy of images against a "
+                     "reference (or rFID + PSNR of a tokenizer with --reconstruct)")
+    p.add_argument("generated", nargs="?", help="folder of images, discon sample folder, .npz "
+                                                "(arr_0) or statistics .npz (mu, sigma)")
+    p.add_argument("--ref", required=True, help="the same kinds, DATASET:SPLIT (e.g. "
+                                                "fashion-mnist:test) or folder:PATH")
+    p.add_argument("--extractor", default="fmnist", help="inception | fmnist (default fmnist)")
+    p.add_argument("--metrics", default=None, help="comma-separated: fid,kid,isc,prc "
+                                                   "(default: all the inputs allow)")
+    p.add_argument("--kid-subset-size", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=100)
+    p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
+    p.add_argument("--reconstruct", action="store_true",
+                   help="score reconstructions of --ref by --dtok or --ctok (rFID) with PSNR")
+    for kind in ("dtok", "ctok"):
+        p.add_argument(f"--{kind}", help=f"{kind} preset for --reconstruct")
+        p.add_argument(f"--{kind}-checkpoint", default="pretrained", metavar="PATH")
+    p.add_argument("--ctok-latents-stats", default=None, metavar="PATH",
+                   help="latents_stats override of the ctok (e.g. a study's cache/latents_stats.pt)")
+    p.add_argument("--grid", default=None, metavar="PNG",
+                   help="with --reconstruct: also save the first 10 reference images (top row) "
+                        "and their reconstructions (bottom row)")
+    cli.add_device_option(p)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_eval)
+
+
+def _cmd_eval(args) -> int:
+    from discon_core.registry import build
+
+    names = parse_metrics(args.metrics)
+    device = resolve_device(args.device)
+    if args.json:
+        check_output_dir(os.path.dirname(os.path.abspath(args.json)), what="--json folder")
+    extractor = get_extractor(args.extractor, device)
+    ref = load_input(args.ref)
+    psnr = None
+    if args.reconstruct:
+        if args.generated or (args.dtok is None) == (args.ctok is None):
+            raise DisconError("--reconstruct scores one tokenizer: give --dtok or --ctok (and no "
+                              "GENERATED argument)")
+        kind = "dtok" if args.dtok else "ctok"
+        extra = ({"latents_stats": args.ctok_latents_stats}
+                 if kind == "ctok" and args.ctok_latents_stats else {})
+        ckpt = getattr(args, f"{kind}_checkpoint")
+        tok = build(kind, getattr(args, kind), checkpoint=None if ckpt == "none" else ckpt,
+                    device=device, **extra)
+        if args.grid:
+            check_output_dir(os.path.dirname(os.path.abspath(args.grid)), what="--grid folder")
+        gen, psnr = reconstruct(tok, ref, device=device, batch_size=args.batch_size,
+                                        progress=not args.no_progress)
+        if args.grid:
+            from discon_core.images import save_grid
+            pair = torch.stack([ref.images[i] for i in range(10)] +
+                               [gen.images[i] for i in range(10)]).float() / 255
+            print(f"wrote {save_grid(pair, args.grid, nrow=10)}")
+    elif args.grid:
+        raise DisconError("--grid shows reconstructions: use it with --reconstruct")
+    elif args.generated is None:
+        raise DisconError("give GENERATED (images to score) or --reconstruct with --dtok/--ctok")
+    else:
+        gen = load_input(args.generated)
+    out = compute(gen, ref, extractor, names, device=device, batch_size=args.batch_size,
+                          kid_subset_size=args.kid_subset_size, progress=not args.no_progress)
+    if psnr is not None:
+        out["psnr"] = psnr
+    for key in ("fid", "kid", "isc", "precision", "recall", "class_accuracy", "psnr"):
+        if key in out:
+            print(f"{key:<16}{out[key]:.4f}")
+    print(f"{'N':<16}{out['N']} generated vs {out['N_ref']} reference ({out['extractor']})")
+    if args.json:
+        from discon_core.checkpoints import atomic_path
+        with atomic_path(args.json) as tmp:  # any file name, always JSON
+            tmp.write_text(json.dumps(out, indent=2, default=str))
+    return 0
+
+
+@hookimpl
+def discon_register_commands(subparsers) -> None:
+    _add_eval(subparsers)

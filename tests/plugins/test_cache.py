@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from discon_core import build
-from discon_core.cache import MANIFEST, CachedDataset, build_cache, collate_cached
+from discon_plugins.cache import MANIFEST, CachedDataset, build_cache, collate_cached
 from discon_core.checkpoints import save_atomic
 from discon_plugins.datasets import FashionMNIST
 from discon_core.errors import DisconError

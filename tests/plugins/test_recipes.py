@@ -1,4 +1,4 @@
-"""masked_ar_loss: MAR's masking, dropout and tiled head loss."""
+"""The discon recipe's objective, masked_ar_loss: MAR's masking, dropout and tiled head loss."""
 from __future__ import annotations
 
 import math
@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from discon_core import DisconError, build
-from discon_core.objectives import (mask_from_orders, masked_ar_loss, masked_token_loss,
-                                    random_orders, sample_mask_ratio)
+from discon_core.pipeline import mask_from_orders, random_orders
+from discon_plugins.recipes import masked_ar_loss, masked_token_loss, sample_mask_ratio
 from tests.conftest import load_fixture
 
 

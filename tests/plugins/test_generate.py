@@ -1,4 +1,4 @@
-"""discon_core.samples: class balance, the ADM .npz layout, and resume == uninterrupted."""
+"""discon_plugins.generate (discon sample's write_samples): class balance, the ADM .npz layout, and resume == uninterrupted."""
 from __future__ import annotations
 
 import numpy as np
@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from discon_core.errors import DisconError
-from discon_core.samples import balanced_labels, write_samples
+from discon_plugins.generate import balanced_labels, write_samples
 
 
 def _generate(labels, generator):
