@@ -44,7 +44,7 @@ KEYS = {"out", "results", "seed", "threads", "data", "train_defaults", "tokenize
         "continuous_train", "continuous", "prior_train", "priors", "eval", "default",
         "extended", "ema_warmup_check"}
 EVAL_KEYS = {"num", "sweep_num", "seeds", "batch_size", "prior", "prior_cfg_sweep",
-             "mar_cfg_sweep", "ar_steps_sweep", "temperature_sweep", "inception_num"}
+             "mar_cfg_sweep", "ar_steps_sweep", "temperature_sweep", "inception_num", "rfid_num"}
 LAST = "checkpoint-last.pth"
 
 
@@ -72,7 +72,7 @@ def quick_profile(cfg: dict) -> dict:
         cfg["extended"].update(steps=60, keep_every=15)
     cfg["eval"].update(num=40, sweep_num=20, seeds=[0], batch_size=20, prior_cfg_sweep=[1.0, 2.0],
                        mar_cfg_sweep=[1.0, 2.0], ar_steps_sweep=[1, 16, 64],
-                       temperature_sweep=[1.0], inception_num=0)
+                       temperature_sweep=[1.0], inception_num=0, rfid_num=1000)
     return cfg
 
 
@@ -344,7 +344,8 @@ class Study:
             self.add(f"eval:rfid:{name}", lambda name=name: self.eval_rfid(name),
                      deps=[f"tok:{name}"] + [f"cache:{c}" for c, v in cfg["caches"].items()
                                              if v["ctok"] == name][:1],
-                     settings={"tok": name})
+                     settings={"tok": name, **({"ref_n": ev["rfid_num"]} if ev.get("rfid_num")
+                                               else {})})
         # prior guidance, chosen on the strongest prior alone (sweep_num, seed 0)
         for s in ev["prior_cfg_sweep"]:
             self.add(f"eval:prior_cfg:{best_prior}:{s}",
@@ -559,7 +560,8 @@ class Study:
             ref = metrics.load_input("fashion-mnist:test")
             if n:  # a fixed subset of the test set (Inception on this CPU: seconds per image)
                 ref = metrics.EvalInput(f"fashion-mnist:test[:{n}]",
-                                        images=metrics.TensorImages(ref.images.images[:n]),
+                                        images=torch.utils.data.Subset(ref.images, range(n)),
+                                        labels=ref.labels[:n],
                                         cache_key=f"fashion-mnist-test-first{n}-32px")
             self._references[n, extractor] = ref
         return self._references[n, extractor]
@@ -755,7 +757,8 @@ class Study:
         from discon_plugins import evaluation as metrics
         t = self.cfg["tokenizers"][name]
         tok = self.build(t["kind"], t["preset"], self.tok_ckpt(name))
-        ext, ref = self.extractor("fmnist"), self.reference()
+        # rfid_num (quick profile only): the first N test images instead of all 10,000
+        ext, ref = self.extractor("fmnist"), self.reference(self.cfg["eval"].get("rfid_num"))
         rec, psnr = metrics.reconstruct(tok, ref, device=self.device, batch_size=250)
         rec.labels = ref.labels  # class accuracy of the reconstructions
         row = metrics.compute(rec, ref, ext, ["fid", "kid"], device=self.device, batch_size=250)
