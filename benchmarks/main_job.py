@@ -24,7 +24,7 @@ import yaml
 from discon_core import Pipeline
 from discon_plugins import evaluation as metrics
 from discon_core.train import LAST
-from discon_plugins.study import study_pipeline
+from discon_plugins.study import sampling_options, study_pipeline
 from reproduce import raw_weights, to_uint8  # benchmarks/ is on the path of a script run here
 
 
@@ -52,8 +52,7 @@ def main() -> None:
     cfg = yaml.safe_load(args.config.read_text())
     pipe = load(cfg, args.weights)
     sample = cfg.get("sample") or {}
-    kwargs = {k: sample[k] for k in ("ar_steps", "prior_cfg", "prior_temperature", "cfg_scale",
-                                     "temperature") if sample.get(k) is not None}
+    kwargs = sampling_options(sample)
     labels = torch.arange(args.num) % pipe.prior.num_classes
     g = torch.Generator().manual_seed(args.seed)
     discon, discrete, start = [], [], time.perf_counter()

@@ -875,12 +875,12 @@ def ctok_params(preset: str) -> dict:
 
 def raw_weights(ckpt: Path) -> Path:
     """The raw (non-EMA) weights of a training checkpoint as a file ``build()`` loads (it takes
-    the EMA when a file holds both); written once beside the checkpoint."""
-    from safetensors.torch import save_file
+    the EMA when a file holds both); written beside the checkpoint, again when the checkpoint
+    is newer (checkpoint-last.pth moves on as a run continues)."""
+    from discon_core.checkpoints import load_file, save_atomic
     raw = ckpt.with_name(ckpt.stem + "-raw.safetensors")
-    if not raw.is_file():
-        state = torch.load(ckpt, weights_only=True)["model"]
-        save_file({k: v.contiguous() for k, v in state.items()}, raw)
+    if not raw.is_file() or raw.stat().st_mtime < ckpt.stat().st_mtime:
+        save_atomic(load_file(ckpt)["model"], raw)
     return raw
 
 

@@ -234,7 +234,7 @@ def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
-def download_file(url: str, dest: str | os.PathLike, sha256: str | None = None,
+def download(url: str, dest: str | os.PathLike, sha256: str | None = None,
              progress: bool = True) -> Path:
     """Fetch ``url`` (http(s) or file://) to ``dest``: temp file, sha256 check, atomic rename.
 
@@ -286,10 +286,11 @@ def package_file(url: str, sha256: str | None = None, what: str = "file") -> Pat
 
 
 def fetch(file: str, url: str | None = None, sha256: str | None = None,
-          what: str = "file", download: bool = True) -> Path | None:
+          what: str = "file", check_only: bool = False) -> Path | None:
     """A cached file under ``$DISCON_HOME/checkpoints``: reuse it, or download it, or explain;
     ``package:`` URLs are files inside an installed package (checked, never copied). With
-    ``download=False`` only checks that the file is here or can be downloaded (None: not here)."""
+    ``check_only`` nothing is downloaded: it checks that the file is here or can be downloaded
+    (None: not here yet)."""
     if url is not None and url.startswith(PACKAGE_SCHEME):
         return package_file(url, sha256, what)
     dest = discon_home() / "checkpoints" / file
@@ -298,17 +299,17 @@ def fetch(file: str, url: str | None = None, sha256: str | None = None,
     if url is None:
         raise DisconError(f"{what}: expected file {dest} is missing and no download URL is "
                           "known; put the file there or pass its path")
-    if not download:
+    if check_only:
         return None
     try:
-        return download_file(url, dest, sha256)
+        return download(url, dest, sha256)
     except DisconError as e:
         raise DisconError(f"{what}: expected file {dest} is missing and the download failed: "
                           f"{e}") from None
 
 
-def fetch_preset_checkpoint(preset, download: bool = True) -> Path | None:
-    """The local path of a preset's official weights (downloaded on first use); ``download``
+def fetch_preset_checkpoint(preset, check_only: bool = False) -> Path | None:
+    """The local path of a preset's official weights (downloaded on first use); ``check_only``
     as in :func:`fetch` (a pipeline checks every preset this way before loading any)."""
     src = preset.checkpoint
     what = f"{preset.kind} preset {preset.name!r}"
@@ -316,7 +317,7 @@ def fetch_preset_checkpoint(preset, download: bool = True) -> Path | None:
         raise DisconError(f"{what} has no published checkpoint; train one with `discon train` "
                           f"and pass its path (--{preset.kind}-checkpoint PATH)")
     try:
-        return fetch(src.file, src.url, src.sha256, what=what, download=download)
+        return fetch(src.file, src.url, src.sha256, what=what, check_only=check_only)
     except DisconError as e:
         where = f" (get it from {src.url})" if src.url else (f" ({src.note})" if src.note else "")
         raise DisconError(f"{e}{where}") from None

@@ -30,6 +30,12 @@ def add_dtype_option(p) -> None:
                         "with AVX-512 BF16 and on GPUs)")
 
 
+def checkpoint_arg(value: str | None) -> str | None:
+    """A ``--*-checkpoint`` value: a path, ``pretrained``, or ``none`` (any case) for random
+    init (None); not given stays None."""
+    return None if value is not None and value.lower() == "none" else value
+
+
 def _add_plugins(sub) -> None:
     p = sub.add_parser("plugins", help="list component kinds, names and the plugin providing each")
     p.add_argument("--kind", choices=list(KINDS), help="only this kind")

@@ -94,12 +94,11 @@ class _Specs:
 @dataclass(frozen=True)
 class Named:
     """A registered factory (component, recipe, dataset or extractor) and the plugin that
-    provided it; ``kind`` is set for components."""
+    provided it."""
 
     name: str
     fn: Callable[..., object]
     plugin: str
-    kind: str | None = None
 
 
 _manager: pluggy.PluginManager | None = None
@@ -171,8 +170,7 @@ def _collect(what: str) -> dict:
                 if kind not in KINDS:
                     raise DisconError(f"plugin {_plugin!r} registers {name!r} under unknown kind "
                                       f"{kind!r}; kinds are: {', '.join(KINDS)}")
-                add((kind, name), Named(name, factory, _plugin, kind), f"{kind} {name!r}",
-                    override)
+                add((kind, name), Named(name, factory, _plugin), f"{kind} {name!r}", override)
         else:
             def register(name: str, fn: Callable[..., object], *, override: bool = False,
                          _plugin: str = plugin) -> None:

@@ -292,10 +292,15 @@ class Pipeline:
         check_compatible(**meta)
         for kind, name in names.items():  # missing unreleased weights: fail before any download
             if name and ckpts.get(kind, "pretrained") == "pretrained":
-                fetch_preset_checkpoint(resolve(kind, name), download=False)
+                fetch_preset_checkpoint(resolve(kind, name), check_only=True)
         built = {k: build(k, n, checkpoint=ckpts.get(k, "pretrained"), device=device, dtype=dtype)
                  if n else None for k, n in names.items()}
         return cls(**built)
+
+    @property
+    def num_classes(self) -> int:
+        """Labels lie in [0, num_classes): the prior's classes, or the backbone's without one."""
+        return self.prior.num_classes if self.prior is not None else self.backbone.class_num
 
     @torch.no_grad()
     def generate(self, labels: torch.Tensor, *, prior_cfg: float | None = None,
@@ -320,7 +325,7 @@ class Pipeline:
         for kind in ("prior", "dtok", "backbone", "head", "ctok"):
             if getattr(self, kind) is not None:
                 _weights_device(getattr(self, kind), kind)
-        num_classes = self.prior.num_classes if self.prior is not None else self.backbone.class_num
+        num_classes = self.num_classes
         if labels.numel() and (labels.min() < 0 or labels.max() >= num_classes):
             raise DisconError(f"labels must lie in [0, {num_classes}), got "
                               f"[{labels.min().item()}, {labels.max().item()}]")

@@ -55,12 +55,12 @@ class Entry:
     """One registry entry as written, before ``extends`` is applied: the schema every registry
     file and plugin preset is checked against (strict keys and types, by config.from_mapping)."""
 
-    factory: str | None = None
-    extends: str | None = None
-    description: str | None = None
-    params: dict | None = None
+    factory: str = ""
+    extends: str = ""
+    description: str = ""
+    params: dict = field(default_factory=dict)
     checkpoint: CheckpointSource | None = None
-    sampling: dict | None = None
+    sampling: dict = field(default_factory=dict)
     classes: Any = None  # class names (index = id) or a dataset's: `classes: fashion-mnist`
 
 
@@ -130,7 +130,7 @@ def _validate(data: Any, source: str) -> dict[str, dict[str, dict]]:
             if not isinstance(entry, dict):
                 raise DisconError(f"{where}: must be a mapping, got {type(entry).__name__}")
             checked = from_mapping(Entry, entry, where)
-            if checked.factory is None and checked.extends is None:
+            if "factory" not in entry and "extends" not in entry:
                 raise DisconError(f"{where}: missing key 'factory' (or 'extends')")
             if not isinstance(checked.classes, (list, str, type(None))):
                 raise DisconError(f"{where}: classes must be a list of names or a dataset name")

@@ -197,8 +197,7 @@ def _write_shard(out: Path, k: int, dataset, dt, ct, shard_size: int, batch_size
     save_atomic(tensors, path)
     skipped = {n: r for n, r in dataset.skipped.items() if n not in skipped_before}
     save_atomic({"count": int(tensors["index"].numel()), "items": [lo, hi],
-                        "sha256": sha256_of(path), "skipped": skipped},
-                       out / f"{shard_name(k)}.json")
+                 "sha256": sha256_of(path), "skipped": skipped}, out / f"{shard_name(k)}.json")
 
 
 def _finish_manifest(out: Path, plan: dict) -> None:
@@ -355,11 +354,10 @@ def _cmd_cache(args) -> int:
         if value is not None:
             data[key] = value
     resolve_device(args.device)
-    ckpts = {k: None if v is not None and v.lower() == "none" else v  # 'none': random init, as run
-             for k, v in (("dtok", args.dtok_checkpoint), ("ctok", args.ctok_checkpoint))}
     with output_dir(args.out):
         path = build_cache(data, args.out, dtok=args.dtok, ctok=args.ctok,
-                           dtok_checkpoint=ckpts["dtok"], ctok_checkpoint=ckpts["ctok"],
+                           dtok_checkpoint=cli.checkpoint_arg(args.dtok_checkpoint),
+                           ctok_checkpoint=cli.checkpoint_arg(args.ctok_checkpoint),
                            shard_size=args.shard_size, batch_size=args.batch_size,
                            device=args.device, progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:

@@ -70,8 +70,7 @@ def get_extractor(name: str, device: torch.device | str = "cpu") -> torch.nn.Mod
     if name not in table:
         raise DisconError(f"unknown extractor {name!r}; registered: {', '.join(sorted(table))}"
                           f"{close_matches(name, table)}")
-    factory = getattr(table[name], "fn", table[name])
-    return factory().to(device).eval().requires_grad_(False)
+    return table[name].fn().to(device).eval().requires_grad_(False)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -473,7 +472,7 @@ def _cmd_eval(args) -> int:
         check_output_dir(os.path.dirname(os.path.abspath(args.json)), what="--json folder")
     extractor = get_extractor(args.extractor, device)
     ref = load_input(args.ref)
-    psnr = None
+    mean_psnr = None
     if args.reconstruct:
         if args.generated or (args.dtok is None) == (args.ctok is None):
             raise DisconError("--reconstruct scores one tokenizer: give --dtok or --ctok (and no "
@@ -481,13 +480,13 @@ def _cmd_eval(args) -> int:
         kind = "dtok" if args.dtok else "ctok"
         extra = ({"latents_stats": args.ctok_latents_stats}
                  if kind == "ctok" and args.ctok_latents_stats else {})
-        ckpt = getattr(args, f"{kind}_checkpoint")
-        tok = build(kind, getattr(args, kind), checkpoint=None if ckpt == "none" else ckpt,
+        tok = build(kind, getattr(args, kind),
+                    checkpoint=cli.checkpoint_arg(getattr(args, f"{kind}_checkpoint")),
                     device=device, **extra)
         if args.grid:
             check_output_dir(os.path.dirname(os.path.abspath(args.grid)), what="--grid folder")
-        gen, psnr = reconstruct(tok, ref, device=device, batch_size=args.batch_size,
-                                        progress=not args.no_progress)
+        gen, mean_psnr = reconstruct(tok, ref, device=device, batch_size=args.batch_size,
+                                     progress=not args.no_progress)
         if args.grid:
             from discon_core.images import save_grid
             pair = torch.stack([ref.images[i] for i in range(10)] +
@@ -500,9 +499,9 @@ def _cmd_eval(args) -> int:
     else:
         gen = load_input(args.generated)
     out = compute(gen, ref, extractor, names, device=device, batch_size=args.batch_size,
-                          kid_subset_size=args.kid_subset_size, progress=not args.no_progress)
-    if psnr is not None:
-        out["psnr"] = psnr
+                  kid_subset_size=args.kid_subset_size, progress=not args.no_progress)
+    if mean_psnr is not None:
+        out["psnr"] = mean_psnr
     for key in ("fid", "kid", "isc", "precision", "recall", "class_accuracy", "psnr"):
         if key in out:
             print(f"{key:<16}{out[key]:.4f}")

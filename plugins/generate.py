@@ -89,11 +89,8 @@ def _pipeline_names(args) -> tuple[dict, dict]:
         names["backbone"] = "discon-l"
     if args.prior and names["backbone"] is None and names["dtok"] is None:
         names["dtok"] = "maskgit-vq"
-    ckpts = {}
-    for kind in KINDS_IN_PIPELINE:
-        value = getattr(args, f"{kind}_checkpoint")
-        if value is not None:
-            ckpts[kind] = None if value.lower() == "none" else value
+    ckpts = {kind: cli.checkpoint_arg(getattr(args, f"{kind}_checkpoint"))
+             for kind in KINDS_IN_PIPELINE if getattr(args, f"{kind}_checkpoint") is not None}
     return names, ckpts
 
 
@@ -181,8 +178,6 @@ def _parse_steps_sweep(text: str | None) -> list[int]:
 
 
 def _cmd_run(args) -> int:
-    import torch
-
     from discon_core.data import class_names
     from discon_core.images import save_grid, save_images
     from discon_core.pipeline import Pipeline
@@ -201,8 +196,8 @@ def _cmd_run(args) -> int:
                               "backbone): name --dtok too")
         if sweep and (pipe.prior is None or pipe.backbone is None):
             raise DisconError("--ar-steps-sweep needs a DisCon pipeline (a prior and a backbone)")
-        lead = pipe.prior if pipe.prior is not None else pipe.backbone
-        num_classes = lead.num_classes if pipe.prior is not None else lead.class_num
+        lead = pipe.prior if pipe.prior is not None else pipe.backbone  # names the classes
+        num_classes = pipe.num_classes
         classes = class_names(getattr(getattr(lead, "discon_preset", None), "classes", None))
         args.num = args.num or (2 * num_classes if num_classes <= 16 else 8)
         _check_batching(args, MAX_RUN_IMAGES)
@@ -271,17 +266,13 @@ def _add_sample(sub) -> None:
 
 
 def _cmd_sample(args) -> int:
-    import torch
-
     from discon_core.checkpoints import sha256_of
+    from discon_core.distributed import setup_distributed
     from discon_core.pipeline import Pipeline
     from discon_core.registry import parse_dtype
 
     _check_batching(args, 10_000_000)
-    device = resolve_device(args.device)
-    rank, world = int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not torch.distributed.is_initialized():
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world, device = setup_distributed(args.device)  # under torchrun: one device per rank
     with output_dir(args.out):
         names, ckpts = _pipeline_names(args)
         pipe = Pipeline.from_names(**names, checkpoints=ckpts, device=device,
@@ -296,10 +287,8 @@ def _cmd_sample(args) -> int:
                   "checkpoints": files, "ar_steps": args.ar_steps, "head_steps": args.head_steps,
                   "prior_cfg": args.prior_cfg, "prior_temperature": args.prior_temperature,
                   "cfg_scale": args.cfg_scale, "temperature": args.temperature, "dtype": args.dtype, "device": str(device)}
-        num_classes = (pipe.prior.num_classes if pipe.prior is not None
-                       else pipe.backbone.class_num)
         path = write_samples(_generate_fn(pipe, args), args.out, num=args.num,
-                             num_classes=num_classes, batch_size=args.batch_size,
+                             num_classes=pipe.num_classes, batch_size=args.batch_size,
                              seed=args.seed, config=config, device=device, rank=rank,
                              world=world, progress=not args.no_progress)
     if rank == 0:

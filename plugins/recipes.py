@@ -10,6 +10,7 @@ head's noise) comes from one ``generator``, so a step is reproducible from the s
 """
 from __future__ import annotations
 
+import functools
 import math
 from typing import TYPE_CHECKING
 
@@ -251,13 +252,14 @@ def recipe_prior(cfg: TrainConfig, device) -> Recipe:
     prior = build_component("prior", cfg.components["prior"], device)
     model = PriorObjective(prior)
     sample_opts = dict(cfg.recipe_options.get("sampling", {}) or {})
+    # built at the first sample grid, then reused (runs without grids never load it)
+    dtok = functools.cache(lambda: _cache_tokenizer(cfg, ds, "dtok", device))
 
     def samples(m: PriorObjective, g: torch.Generator) -> torch.Tensor:
-        dtok = _cache_tokenizer(cfg, ds, "dtok", device)
         labels = torch.arange(cfg.num_samples, device=device) % m.prior.num_classes
         opts = {"cfg_scale": 0.0, "temperature": 1.0, **sample_opts}
         tokens = m.prior.sample(labels, generator=g, **opts)
-        return dtok.decode(tokens)
+        return dtok().decode(tokens)
 
     return Recipe("prior", model, ds, collate, _rar_no_decay,
                   to_file=lambda k: k[len("prior."):], from_file=lambda k: "prior." + k,

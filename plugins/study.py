@@ -252,6 +252,13 @@ def study_pipeline(out: Path, secs: Mapping, ctok_overrides: dict, device="cpu",
                    device=device, **ctok_overrides))
 
 
+def sampling_options(sample: Mapping) -> dict[str, Any]:
+    """The ``Pipeline.generate`` settings a config's ``sample`` section sets (the rest default
+    to the presets')."""
+    return {k: sample[k] for k in ("ar_steps", "prior_cfg", "prior_temperature", "cfg_scale",
+                                   "temperature") if sample.get(k) is not None}
+
+
 def _sample_stage(study: dict, secs: dict, ctok_overrides: dict) -> Path:
     """Stage 6: a grid, one column per class, and the same ids through the dtok's decoder."""
     from discon_core.images import save_grid
@@ -261,8 +268,7 @@ def _sample_stage(study: dict, secs: dict, ctok_overrides: dict) -> Path:
     num_classes = pipe.prior.num_classes
     labels = torch.arange(num_classes).repeat(int(sample.get("rows", 4)))
     g = torch.Generator(device).manual_seed(int(sample.get("seed", study["seed"])))
-    kwargs = {k: sample[k] for k in ("ar_steps", "prior_cfg", "prior_temperature",
-                                     "cfg_scale", "temperature") if sample.get(k) is not None}
+    kwargs = sampling_options(sample)
     images, tokens, _ = pipe.generate(labels.to(device), generator=g, progress=False,
                                       return_tokens=True, **kwargs)
     grid = save_grid(images, out / "samples.png", nrow=num_classes, upscale=2)

@@ -132,7 +132,7 @@ def test_download_file_url_with_checksum(tmp_path):
     src = tmp_path / "src.bin"
     src.write_bytes(b"weights" * 1000)
     digest = hashlib.sha256(src.read_bytes()).hexdigest()
-    out = checkpoints.download_file(src.as_uri(), tmp_path / "cache" / "w.bin", digest, progress=False)
+    out = checkpoints.download(src.as_uri(), tmp_path / "cache" / "w.bin", digest, progress=False)
     assert out.read_bytes() == src.read_bytes()
 
 
@@ -141,7 +141,7 @@ def test_download_checksum_mismatch_removes_file(tmp_path):
     src.write_bytes(b"weights")
     dest = tmp_path / "cache" / "w.bin"
     with pytest.raises(DisconError, match=r"expected sha256 0{64}, got [0-9a-f]{64}"):
-        checkpoints.download_file(src.as_uri(), dest, "0" * 64, progress=False)
+        checkpoints.download(src.as_uri(), dest, "0" * 64, progress=False)
     assert not dest.exists() and list(dest.parent.iterdir()) == []
 
 
