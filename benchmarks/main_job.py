@@ -19,9 +19,9 @@ import time
 from pathlib import Path
 
 import torch
-import yaml
 
 from discon_core import Pipeline
+from discon_core.config import load_yaml
 from discon_plugins import evaluation as metrics
 from discon_core.train import LAST
 from discon_plugins.study import sampling_options, study_pipeline
@@ -49,7 +49,7 @@ def main() -> None:
                     help="DisCon's EMA weights (what the study samples with) or its raw weights")
     ap.add_argument("--json", type=Path, default=None)
     args = ap.parse_args()
-    cfg = yaml.safe_load(args.config.read_text())
+    cfg = load_yaml(args.config, "study config")
     pipe = load(cfg, args.weights)
     sample = cfg.get("sample") or {}
     kwargs = sampling_options(sample)

@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from discon_core import build, sample_tokens
-from discon_core.registry import parse_dtype
+from discon_core.precision import resolve_dtype
 
 
 def randomize(module: torch.nn.Module, seed: int) -> torch.nn.Module:
@@ -121,7 +121,7 @@ def main() -> None:
           f"{'per AR step, ms: backbone':>27}{'head':>7}{'other':>7}{'max|dx| vs first':>18}")
     rows, first = [], None
     for name in args.dtypes.split(","):
-        dtype = parse_dtype(name, "--dtypes")
+        dtype = resolve_dtype(name, "cpu", "--dtypes")
         bb = build("backbone", args.size)
         bb.load_state_dict(bb32.state_dict())
         head = build_head(head_name, bb)

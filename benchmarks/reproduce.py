@@ -39,6 +39,7 @@ import torch
 
 from discon_core.config import TrainConfig, check_keys, load_yaml
 from discon_core.errors import DisconError
+from discon_core.precision import hardware_record, resolve_precision
 
 KEYS = {"out", "results", "seed", "threads", "data", "train_defaults", "tokenizers", "caches",
         "continuous_train", "continuous", "prior_train", "priors", "eval", "default",
@@ -193,6 +194,9 @@ class Study:
     def _train_cfg(self, block: dict, **fields) -> TrainConfig:
         raw = {"seed": self.seed, "device": self.device, **self.cfg.get("train_defaults", {}),
                **copy.deepcopy(block), **fields}
+        # auto resolved here, so a stage records what it trained in (bf16 and fp32 runs of one
+        # stage are different stages: one trained on another kind of CPU is not reused)
+        raw["precision"] = resolve_precision(raw.get("precision", "auto"), self.device)
         return TrainConfig.from_dict(raw, where=f"study stage {fields['out']}")
 
     # settings a finished stage may change and still be continued (more steps) or re-logged
@@ -321,7 +325,8 @@ class Study:
         # per channel (VA-VAE's latents_stats.pt) or one scale (LDM's scale_factor = 1/std)
         from discon_core.registry import build
         from discon_plugins.kl_vae import compute_latents_stats, save_latents_stats
-        ctok = build("ctok", toks[c["ctok"]]["preset"], checkpoint=self.tok_ckpt(c["ctok"]))
+        ctok = build("ctok", toks[c["ctok"]]["preset"], checkpoint=self.tok_ckpt(c["ctok"]),
+                     dtype="fp32")
         ds = CachedDataset(out)
         g = torch.Generator().manual_seed(self.seed)
         idx = torch.randperm(len(ds), generator=g)[:10000]
@@ -505,7 +510,10 @@ class Study:
 
     def build(self, kind, preset, ckpt, **over):
         from discon_core.registry import build
-        return build(kind, preset, checkpoint=ckpt, device=self.device, **over).eval()
+        # scored in fp32 on every machine, so rows compare across CPUs (bf16 sampling moved the
+        # embedded default's FID by 0.06: docs/speed.md); only training follows precision: auto
+        return build(kind, preset, checkpoint=ckpt, device=self.device, dtype="fp32",
+                     **over).eval()
 
     def prior_module(self, p: str, warm: bool = False):
         spec = self.cfg["priors"][p]
@@ -578,7 +586,8 @@ class Study:
 
     def write(self, stage: str, row: dict) -> None:
         from discon_core.checkpoints import save_atomic
-        row = {"stage": stage, **row, "machine": machine(), "date": time.strftime("%Y-%m-%d")}
+        row = {"stage": stage, **row, "machine": machine(), "hardware": hardware_record(self.device),
+               "date": time.strftime("%Y-%m-%d")}
         row.pop("sample", None)
         save_atomic(row, self.result(stage))
 

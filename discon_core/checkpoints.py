@@ -180,12 +180,26 @@ def load_into(module: torch.nn.Module, path: str | os.PathLike) -> torch.nn.Modu
     return module
 
 
+def file_target(path: str | os.PathLike) -> Path:
+    """Where :func:`atomic_path` writes ``path``: itself, or the regular file a symlink points to
+    (replacing the link would cut it from its file); refuses anything else standing there."""
+    path = Path(path)
+    if path.is_symlink() and path.resolve().is_file():
+        path = path.resolve()
+    if os.path.lexists(path) and not path.is_file():
+        raise DisconError(f"{path} exists and is not a regular file (a device, folder, FIFO or "
+                          "broken link): refusing to replace it; give a file path")
+    return path
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """A temporary path beside ``path``: write to it in the ``with`` block; on success it is
     fsynced and renamed over ``path``, on any failure it is removed. A crash or a full disk
-    therefore leaves the previous file at ``path`` intact."""
-    path = Path(path)
+    therefore leaves the previous file at ``path`` intact. Only a regular file is replaced
+    (through a symlink: the file it points to); anything else standing there (a device such as
+    /dev/full, a folder, a FIFO) is refused, never replaced."""
+    path = file_target(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)

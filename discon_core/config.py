@@ -38,6 +38,15 @@ def check_keys(mapping: Mapping, allowed: Iterable[str], where: str, what: str =
                           f"{close_matches(unknown[0], allowed)}; accepted: {', '.join(allowed)}")
 
 
+SEED_RANGE = (0, 2**32 - 1)  # numpy's range; batch seeds (seed * stride + k) stay in torch's
+
+
+def check_seed(seed: int | None, what: str = "seed") -> None:
+    if seed is not None and not SEED_RANGE[0] <= seed <= SEED_RANGE[1]:
+        raise DisconError(f"{what} must be an integer in [{SEED_RANGE[0]}, {SEED_RANGE[1]}], "
+                          f"got {seed}")
+
+
 # -- files ---------------------------------------------------------------------------------------
 
 def read_text(path: str | os.PathLike, what: str = "file") -> str:
@@ -63,9 +72,26 @@ def read_json(path: str | os.PathLike, what: str = "JSON file") -> Any:
                           f"{one_line(e)}") from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """yaml.SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the last)."""
+
+    def construct_mapping(self, node, deep=False):
+        keys = [(k.tag, k.value, k.start_mark.line) for k, _ in node.value if k.id == "scalar"]
+        for i, (tag, value, line) in enumerate(keys):
+            if any((t, v) == (tag, value) for t, v, _ in keys[:i]):
+                raise yaml.YAMLError(f"duplicate key {value!r} (line {line + 1})")
+        return super().construct_mapping(node, deep)
+
+
+def safe_load(text: str) -> Any:
+    """yaml.safe_load with duplicate keys refused: the one YAML reader of every file discon
+    reads (configs, registries, presets, --set values)."""
+    return yaml.load(text, Loader=_UniqueKeyLoader)
+
+
 def load_yaml(path: str | os.PathLike, what: str = "config file") -> dict:
     try:
-        data = yaml.safe_load(read_text(path, what))
+        data = safe_load(read_text(path, what))
     except yaml.YAMLError as e:
         raise DisconError(f"{what} {path} is not valid YAML: {one_line(e)}") from None
     if not isinstance(data, dict):
@@ -83,7 +109,7 @@ def apply_overrides(raw: dict, overrides: Iterable[str]) -> dict:
         if not eq or not all(parts):
             raise DisconError(f"--set expects KEY=VALUE with a dotted KEY, got {item!r}")
         try:
-            parsed = yaml.safe_load(value)
+            parsed = safe_load(value)
         except yaml.YAMLError as e:
             raise DisconError(f"--set {item!r}: the value is not valid YAML "
                               f"({one_line(e)})") from None
@@ -207,7 +233,7 @@ class TrainConfig:
     # short schedule (0.999 keeps 0.999^1000 = 37% of it after 1,000 steps). Added after runs
     # were saved: as_dict() leaves it out at its default, so their configs still compare equal.
     ema_warmup: bool = field(default=False, metadata={"omit_default": True})
-    precision: str = "fp32"                       # fp32 | bf16 (autocast)
+    precision: str = "auto"                       # auto | fp32 | bf16 (autocast); precision.py
     grad_checkpointing: bool = False
     compile: bool = False
     fsdp: bool = False
@@ -233,8 +259,9 @@ class TrainConfig:
         return cls.from_dict(apply_overrides(load_yaml(path), overrides), str(path))
 
     def validate(self, where: str = "config") -> None:
-        if self.precision not in ("fp32", "bf16"):
-            raise DisconError(f"{where}: precision must be fp32 or bf16, got {self.precision!r}")
+        if self.precision not in ("auto", "fp32", "bf16"):
+            raise DisconError(f"{where}: precision must be auto, fp32 or bf16, got "
+                              f"{self.precision!r}")
         if self.optimizer.schedule not in ("constant", "cosine"):
             raise DisconError(f"{where}: optimizer.schedule must be constant or cosine, got "
                               f"{self.optimizer.schedule!r}")
@@ -252,6 +279,7 @@ class TrainConfig:
                 raise DisconError(f"{where}: {name} must be >= 0, got {getattr(self, name)}")
         if not self.components:
             raise DisconError(f"{where}: components must map kinds to presets")
+        check_seed(self.seed, f"{where}: seed")
 
     def as_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

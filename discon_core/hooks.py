@@ -26,7 +26,7 @@ from dataclasses import dataclass
 
 import pluggy
 
-from .errors import DisconError
+from .errors import DisconError, close_matches
 from .interfaces import KINDS
 
 hookspec = pluggy.HookspecMarker("discon")
@@ -41,6 +41,7 @@ BUILTIN_PLUGINS = (
     "discon_core.cli",
     "discon_plugins.cache",
     "discon_plugins.generate",
+    "discon_plugins.demo",
     "discon_plugins.evaluation",
     "discon_plugins.extractors",
     "discon_plugins.maskgit_vq",
@@ -88,7 +89,10 @@ class _Specs:
     @hookspec
     def discon_register_commands(self, subparsers) -> None:
         """Add ``discon`` sub-commands: ``p = subparsers.add_parser(...)``, then
-        ``p.set_defaults(func=handler)`` where ``handler(args) -> int`` (exit code)."""
+        ``p.set_defaults(func=handler)`` where ``handler(args) -> int`` (exit code). Every such
+        parser already has the common flags (``args.device``, ``args.dtype``, ``args.seed``,
+        ``args.out``, ...; docs/cli.md); re-declare one to change its default or help, or
+        ``p.set_defaults(unused_flags=("out",))`` to refuse one the command has no use for."""
 
 
 @dataclass(frozen=True)
@@ -116,6 +120,7 @@ def plugin_manager() -> pluggy.PluginManager:
             pm.register(importlib.import_module(module_name), name=module_name)
         if os.environ.get(DISABLE_ENV, "").strip() not in ("1", "true", "yes"):
             pm.load_setuptools_entrypoints(ENTRY_POINT_GROUP)
+        _check_hooks(pm)
         _manager = pm
     return _manager
 
@@ -124,9 +129,27 @@ def register_plugin(plugin: object, name: str | None = None) -> None:
     """Register a plugin object (a module or any object with the hook) programmatically,
     e.g. from a notebook; its factories are visible on the next ``factories()`` call."""
     global generation
-    plugin_manager().register(plugin, name=name)
+    pm = plugin_manager()
+    pm.register(plugin, name=name)
+    try:
+        _check_hooks(pm)
+    except DisconError:
+        pm.unregister(plugin)
+        raise
     _named.clear()
     generation += 1
+
+
+def _check_hooks(pm: pluggy.PluginManager) -> None:
+    """pluggy's check_pending as one line: a misspelled hook would otherwise never run."""
+    try:
+        pm.check_pending()
+    except pluggy.PluginValidationError as e:
+        specs = sorted(n for n in vars(_Specs) if n.startswith("discon_"))
+        hook = next((n for n in dir(e.plugin) if n not in specs
+                     and pm.parse_hookimpl_opts(e.plugin, n)), "?")
+        raise DisconError(f"plugin {pm.get_name(e.plugin)!r} implements unknown hook {hook!r}"
+                          f"{close_matches(hook, specs)}; hooks are: {', '.join(specs)}") from None
 
 
 def reset() -> None:

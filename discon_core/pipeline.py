@@ -18,7 +18,9 @@ Every compatibility check (grids, channels, vocabularies, classes) runs before a
 """
 from __future__ import annotations
 
+import inspect
 import math
+import typing
 from collections.abc import Mapping
 from typing import Any
 
@@ -189,9 +191,31 @@ def _name(module, kind: str) -> str:
     return f"{kind} {preset.name!r}" if preset is not None else f"the {kind}"
 
 
+# the sampling-block keys Pipeline.generate passes on (typed by sample_tokens' signature)
+BACKBONE_SAMPLING = ("ar_steps", "temperature", "cfg_scale", "cfg_schedule")
+
+
 def _sampling(module) -> dict[str, Any]:
+    """A preset's ``sampling:`` block, checked against what receives it (a prior's ``sample()``
+    keywords, the backbone's keys of ``sample_tokens``): names and types, one line naming the
+    registry file, entry and key instead of a TypeError in the middle of sampling."""
+    from .config import check_keys, coerce
     preset = getattr(module, "discon_preset", None)
-    return dict(preset.sampling) if preset is not None else {}
+    if preset is None or preset.kind not in ("prior", "backbone"):
+        return dict(preset.sampling) if preset is not None else {}
+    fn = type(module).sample if preset.kind == "prior" else sample_tokens
+    params = inspect.signature(fn).parameters
+    where = f"registry {preset.source}, entry {preset.kind}/{preset.name}"
+    if preset.kind == "backbone" or all(p.kind is not p.VAR_KEYWORD for p in params.values()):
+        check_keys(preset.sampling, BACKBONE_SAMPLING if preset.kind == "backbone" else [
+            n for n, p in params.items() if p.kind is p.KEYWORD_ONLY and n not in
+            ("generator", "progress")], where, "sampling key")
+    try:
+        hints = typing.get_type_hints(fn)
+    except (NameError, TypeError):  # annotations naming what only a type checker imports
+        hints = {}
+    return {k: coerce(v, hints[k], f"sampling.{k}", where) if k in hints else v
+            for k, v in preset.sampling.items()}
 
 
 def check_compatible(prior=None, dtok=None, backbone=None, head=None, ctok=None) -> str:
@@ -200,6 +224,10 @@ def check_compatible(prior=None, dtok=None, backbone=None, head=None, ctok=None)
     meta-device modules before any weights load."""
     def fail(msg: str):
         raise DisconError(msg)
+
+    for module in (prior, backbone):  # their presets' sampling blocks, before any weights load
+        if module is not None:
+            _sampling(module)
 
     if backbone is not None or head is not None:
         if backbone is None or head is None:

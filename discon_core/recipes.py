@@ -39,8 +39,9 @@ def component_spec(spec: Any, kind: str) -> dict[str, Any]:
 def build_component(kind: str, spec: Any, device, *, trainable: bool = True) -> nn.Module:
     from .registry import build
     s = component_spec(spec, kind)
+    # fp32 weights in training, trained or frozen: the trainer's autocast sets the precision
     module = build(s.get("kind", kind), s["preset"], checkpoint=s["checkpoint"], device=device,
-                   **s["overrides"])
+                   dtype="fp32", **s["overrides"])
     module.train(trainable)
     if not trainable:
         module.requires_grad_(False)

@@ -9,10 +9,14 @@ where its weights come from, and its recommended sampling settings::
         description: RAR-B (261M)
         params: {hidden_size: 768, num_hidden_layers: 24, ...}
         checkpoint: {file: rar_b.bin, url: https://..., sha256: null}
-        sampling: {guidance_scale: 16.0, guidance_scale_pow: 2.75, randomize_temperature: 1.0}
+        sampling: {cfg_scale: 16.0, guidance_scale_pow: 2.75, temperature: 1.0}   # sample()'s
       rar-l:
         extends: rar-b          # params and sampling merge over the parent's
         params: {hidden_size: 1024}
+
+A prior's ``sampling`` keys are keywords of its ``sample()``, a backbone's those of
+``sample_tokens`` that ``Pipeline.generate`` passes on (``pipeline.BACKBONE_SAMPLING``); names
+and types are checked when a pipeline is assembled, before any weights load.
 
 The built-in registry ships inside the package. A user registry (``--registry PATH`` or the
 ``DISCON_REGISTRY`` environment variable) adds entries or replaces built-in ones of the same
@@ -33,9 +37,10 @@ import torch
 import yaml
 
 from . import checkpoints, hooks
-from .config import check_keys, from_mapping, one_line, read_text
+from .config import check_keys, from_mapping, one_line, read_text, safe_load
 from .errors import DisconError, close_matches
 from .interfaces import KINDS, PROTOCOLS
+from .precision import resolve_dtype
 
 BUILTIN_REGISTRY = Path(__file__).with_name("registry.yaml")
 REGISTRY_ENV = "DISCON_REGISTRY"
@@ -105,7 +110,7 @@ def _validate_file(path: Path) -> dict[str, dict[str, dict]]:
     """Parse and validate one registry file; errors name the file, entry and field."""
     text = read_text(path, "registry file")
     try:
-        data = yaml.safe_load(text)
+        data = safe_load(text)
     except yaml.YAMLError as e:
         raise DisconError(f"registry file {path} is not valid YAML: {one_line(e)}") from None
     return _validate(data, f"registry file {path}")
@@ -282,27 +287,11 @@ def check_params(fn, params: dict[str, Any], where: str) -> dict[str, Any]:
     return out
 
 
-DTYPES = {"fp32": torch.float32, "float32": torch.float32, "float": torch.float32,
-          "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
-          "fp16": torch.float16, "float16": torch.float16, "half": torch.float16}
-
-
-def parse_dtype(value: Any, what: str = "dtype") -> torch.dtype | None:
-    """A floating torch.dtype from a dtype, a name (``"bf16"``, ``"bfloat16"``, ``"fp16"``,
-    ``"float16"``, ``"half"``, ``"fp32"``, ``"float32"``, ``"float"``) or None (keep as built)."""
-    if value is None or (isinstance(value, torch.dtype) and value.is_floating_point):
-        return value
-    if isinstance(value, str) and value.strip().lower() in DTYPES:
-        return DTYPES[value.strip().lower()]
-    raise DisconError(f"{what} must be a floating torch.dtype or one of {', '.join(DTYPES)}, "
-                      f"got {value!r}")
-
-
 HEAD_PREFIX = "diffloss."  # a head's keys in a backbone+head checkpoint (MAR)
 
 
 def build(kind: str, name: str, *, checkpoint: str | os.PathLike | None = None,
-          device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+          device: str | torch.device | None = None, dtype: torch.dtype | str | None = "auto",
           **overrides: Any) -> torch.nn.Module:
     """Build the component ``kind``/``name`` from its preset.
 
@@ -314,8 +303,11 @@ def build(kind: str, name: str, *, checkpoint: str | os.PathLike | None = None,
             for the preset's own checkpoint (looked up in ``$DISCON_HOME``, downloaded and
             sha256-checked when the preset names a URL).
         device: where to build; ``"meta"`` builds shapes only (no memory, no init).
-        dtype: cast parameters after loading: a floating torch.dtype or a name such as
-            ``"bf16"`` / ``"bfloat16"`` / ``"fp16"`` / ``"fp32"`` (see :func:`parse_dtype`).
+        dtype: the parameters' dtype once weights are loaded: ``"auto"`` (bf16 where this device
+            runs bf16 natively, else fp32; see :mod:`discon_core.precision`), a name such as
+            ``"bf16"`` / ``"fp16"`` / ``"fp32"``, a floating torch.dtype, or None (as built).
+            ``auto`` leaves a randomly initialised module (``checkpoint=None``) in fp32: it is
+            there to be trained, and training keeps fp32 weights (autocast does the rest).
         **overrides: hyperparameters, by the official names; unknown names are an error.
 
     Returns the module, in eval() mode when weights were loaded; ``module.discon_preset`` is the
@@ -335,7 +327,11 @@ def build(kind: str, name: str, *, checkpoint: str | os.PathLike | None = None,
     if device is not None and str(device) != "meta":
         from .runtime import resolve_device
         device = resolve_device(device, what=f"build({kind!r}, {name!r}): device")
-    dtype = parse_dtype(dtype, f"build({kind!r}, {name!r}): dtype")
+    auto = dtype is not None and str(dtype).strip().lower() == "auto"
+    if dtype is not None and not (auto and (checkpoint is None or str(device) == "meta")):
+        dtype = resolve_dtype(dtype, device or "cpu", f"build({kind!r}, {name!r}): dtype")
+    else:
+        dtype = None
     accepted = accepted_params(fac.fn)
     params = check_params(fac.fn, {**preset.params, **overrides}, f"{kind} {name!r}")
     if accepted is not None:

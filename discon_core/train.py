@@ -49,6 +49,7 @@ from torch import nn
 from .config import OptimConfig, TrainConfig, apply_overrides, load_yaml  # noqa: F401 (re-exported)
 from .errors import DisconError
 from .distributed import _all_reduce_max, _gather, setup_distributed, teardown_distributed
+from .precision import hardware_record, resolve_precision
 from .recipes import Recipe, component_spec, make_recipe
 from .train_state import rng_state, set_rng_state
 
@@ -191,6 +192,7 @@ class Trainer:
         np.random.seed(seed)
         random.seed(seed)
         self.generator = torch.Generator(self.device).manual_seed(seed)
+        self.precision = resolve_precision(cfg.precision, self.device)  # auto: by the hardware
         model = self.recipe.model.to(self.device)
         if cfg.grad_checkpointing:
             self._enable_grad_checkpointing(model)
@@ -287,7 +289,8 @@ class Trainer:
                 "format": CHECKPOINT_FORMAT, "recipe": self.recipe.name,
                 "identity": json.dumps(_identity_keys(self.cfg), sort_keys=True),
                 "config": yaml.safe_dump(self.cfg.as_dict(), sort_keys=False),
-                "info": json.dumps(self.recipe.info)}
+                "info": json.dumps(self.recipe.info),
+                "hardware": json.dumps(hardware_record(self.device, self.precision))}
             save_atomic(state, path)
             if self.cfg.keep_every and self.step % self.cfg.keep_every == 0:
                 save_atomic(state, self.out / f"checkpoint-{self.step:07d}.pth")
@@ -369,7 +372,7 @@ class Trainer:
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=torch.bfloat16,
-                              enabled=self.cfg.precision == "bf16")
+                              enabled=self.precision == "bf16")
 
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v

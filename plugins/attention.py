@@ -12,10 +12,10 @@ Attention backends (``attn_backend``):
   runs small blocks with conversions (MAR-B decoder layer, [1, 12, 320, 64] from the fused qkv,
   1 thread: 2.4 ms against 4.4 ms);
 * ``"auto"`` (default): xformers when it imports and the tensors are CUDA fp16/bf16, matmul for
-  bf16 on CPU, else sdpa.
+  bf16 on CPUs where bf16 is native, else sdpa.
 
-:class:`Linear` is ``nn.Linear`` with a faster bf16 CPU inference path (see its docstring); the
-blocks here and the heads use it.
+:class:`Linear` is ``nn.Linear`` with faster CPU inference paths in fp32 and bf16 (see its
+docstring); the blocks here and the heads use it.
 
 The backend actually used is logged once per process and backend, never silently switched.
 """
@@ -76,7 +76,10 @@ def pick_backend(requested: str, q: torch.Tensor) -> str:
     if requested == "auto":
         if xformers_ok:
             return "xformers"
-        return "matmul" if q.device.type == "cpu" and q.dtype == torch.bfloat16 else "sdpa"
+        # matmul only where bf16 products are native: emulated, it is ~16x slower than sdpa
+        # (MAR-B decoder layer, AVX2, 1 thread: 88 ms against 5.5 ms)
+        return ("matmul" if q.device.type == "cpu" and q.dtype == torch.bfloat16
+                and _probe("onednn") else "sdpa")
     if requested == "xformers" and not xformers_ok:
         why = ("xformers is not installed" if xops is None else
                "tensors are not CUDA fp16/bf16" if not (q.is_cuda and q.dtype in (
@@ -175,64 +178,115 @@ class KVCache:
         return self.k[:, :, :end], self.v[:, :, :end]
 
 
-_onednn_packing: bool | None = None  # probed once: can this torch run prepacked oneDNN linears?
-# Linear -> (source weight, its version, packed weight); weak, so modules (and their copies,
-# which never see these opaque tensors) are collected as usual.
-_packed_weights: weakref.WeakKeyDictionary[nn.Module, tuple] = weakref.WeakKeyDictionary()
+# Rows up to which an fp32 product uses MKL's prepacked weight: for the few rows of a head step
+# (~16 tokens) F.linear's per-call packing of the weight costs about half the product (1024x1024,
+# 16 rows, 1 thread: 0.59 ms -> 0.30 ms with AVX-512, 0.66 -> 0.46 ms with AVX2); from a few
+# hundred rows on the two are equal (docs/speed.md).
+MKL_MAX_ROWS = 64
+MKL_PACK_ROWS = 16  # the row count MKL packs for; any count then runs on it
+_packing: dict[str, bool] = {}  # probed once per path: "onednn" (bf16), "mkl" (fp32)
+# Linear -> {path: (source weight, its version, prepared weight)}; weak, so modules (and their
+# copies, which never see these opaque tensors) are collected as usual.
+_prepared: weakref.WeakKeyDictionary[nn.Module, dict] = weakref.WeakKeyDictionary()
 _FUSED = {None: ("none", ""), "gelu": ("gelu", "none"), "silu": ("swish", "")}  # oneDNN post-ops
 
 
-def _onednn_packing_works() -> bool:
-    global _onednn_packing
-    if _onednn_packing is None:
+def _probe(path: str) -> bool:
+    """Whether a prepacked path runs on this CPU, decided once per process. bf16 is packed for
+    oneDNN only where its bf16 products are native (elsewhere oneDNN emulates them, ~100x
+    slower than fp32, and refuses to pack on AVX2-only CPUs)."""
+    if path not in _packing:
+        from discon_core.precision import native_bf16
         try:
-            w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 2, dtype=torch.bfloat16))
-            x = torch.ones(1, 2, dtype=torch.bfloat16)
-            _onednn_packing = bool(torch.ops.mkldnn._linear_pointwise(
-                x, w, None, "none", [], "").eq(2).all())
-        except Exception as e:  # noqa: BLE001 - a build without oneDNN: plain F.linear
-            _onednn_packing = False
-            log.info("bf16 CPU linears use F.linear (no prepacked oneDNN weights: %s)", e)
-    return _onednn_packing
+            if path == "onednn":
+                ok = native_bf16("cpu")
+                if ok:
+                    w = torch.ops.mkldnn._reorder_linear_weight(torch.ones(2, 2, dtype=torch.bfloat16))
+                    ok = bool(torch.ops.mkldnn._linear_pointwise(
+                        torch.ones(1, 2, dtype=torch.bfloat16), w, None, "none", [], "").eq(2).all())
+            else:
+                w = torch.ones(2, 2)
+                ok = torch.backends.mkl.is_available() and bool(torch.ops.mkl._mkl_linear(
+                    torch.ones(1, 2), torch.ops.mkl._mkl_reorder_linear_weight(w, 1), w, None,
+                    1).eq(2).all())
+        except Exception as e:  # noqa: BLE001 - a build or CPU without it: plain F.linear
+            ok = False
+            log.info("CPU linears: no prepacked %s weights (%s)", path, str(e).splitlines()[0])
+        _packing[path] = ok
+    return _packing[path]
 
 
 class Linear(nn.Linear):
-    """``nn.Linear`` (same parameters, keys and init) with a faster bf16 inference path on CPU,
-    and an optional fused activation: ``layer(x, activation="gelu" | "silu")``.
+    """``nn.Linear`` (same parameters, keys and init) with faster CPU inference paths, and an
+    optional fused activation: ``layer(x, activation="gelu" | "silu")``.
 
-    ``F.linear`` in bf16 reorders the weight into oneDNN's blocked layout on every call; for the
+    ``F.linear`` repacks the weight into the BLAS kernel's blocked layout on every call; for the
     few rows of a sampling step (a head step sees ~16 tokens) that costs about as much as the
-    product (1024x1024, 16 rows, 1 thread: 0.23 ms, against 0.13 ms with the weight packed).
-    Here the packed weight is made once and reused until the weight changes (in place,
-    ``.to()``, ``load_state_dict``); it holds one more copy of the weight. The activation then
-    runs on the fp32 accumulator inside the product (no extra pass, one rounding). fp32 and other
-    dtypes, other devices and anything autograd records use ``F.linear`` unchanged.
+    product. Here the prepared weight is made once and reused until the weight changes (in
+    place, ``.to()``, ``load_state_dict``); it holds one more copy of the weight. The path is
+    chosen per call from the input, never by catching errors (the probes run once):
+
+    * bf16 where bf16 is native: oneDNN's packed weight, the activation fused into the product;
+    * bf16 where it is not (AVX2-only CPUs): the product in fp32 on an fp32 copy of the weight,
+      rounded back to bf16 (emulated bf16 products run at ~1 GFLOP/s there, fp32 at ~130);
+    * fp32 with at most ``MKL_MAX_ROWS`` rows: MKL's packed weight;
+    * anything else (more rows, other dtypes or devices, anything autograd records): ``F.linear``.
     """
 
     def forward(self, x: torch.Tensor, activation: str | None = None) -> torch.Tensor:
-        packed = self._packed_weight(x)
-        if packed is not None:
+        path = self._path(x)
+        if path == "onednn":
             attr, algorithm = _FUSED[activation]
-            return torch.ops.mkldnn._linear_pointwise(x, packed, self.bias, attr, [], algorithm)
-        y = F.linear(x, self.weight, self.bias)
+            return torch.ops.mkldnn._linear_pointwise(x, self._prepared(path), self.bias, attr,
+                                                      [], algorithm)
+        if path == "upcast":
+            w = self._prepared(path)
+            b = None if self.bias is None else self.bias.float()
+            y = self._fp32(x.float(), w, b, x.numel() // x.shape[-1]).to(x.dtype)
+        elif path == "mkl":
+            # the last argument must be the row count, else MKL ignores the packed weight
+            y = torch.ops.mkl._mkl_linear(x, self._prepared(path), self.weight, self.bias,
+                                          x.numel() // x.shape[-1])
+        else:
+            y = F.linear(x, self.weight, self.bias)
         if activation == "gelu":
             return F.gelu(y)
         return F.silu(y) if activation == "silu" else y
 
-    def _packed_weight(self, x: torch.Tensor) -> torch.Tensor | None:
+    def _fp32(self, x, w, b, rows):
+        if rows <= MKL_MAX_ROWS and _probe("mkl"):
+            return torch.ops.mkl._mkl_linear(x, self._prepared("upcast-mkl"), w, b, rows)
+        return F.linear(x, w, b)
+
+    def _path(self, x: torch.Tensor) -> str | None:
         w = self.weight
-        if (x.dtype != torch.bfloat16 or w.dtype != torch.bfloat16 or x.device.type != "cpu"
+        if (x.device.type != "cpu" or x.dtype != w.dtype
                 or (torch.is_grad_enabled() and (w.requires_grad or x.requires_grad))
-                or w.is_inference()  # made under inference_mode: no version counter to watch
-                or not _onednn_packing_works()):
+                or w.is_inference()):  # made under inference_mode: no version counter to watch
             return None
-        entry = _packed_weights.get(self)
+        if w.dtype == torch.bfloat16:
+            return "onednn" if _probe("onednn") else "upcast"
+        if w.dtype == torch.float32 and x.numel() <= MKL_MAX_ROWS * x.shape[-1] and _probe("mkl"):
+            return "mkl"
+        return None
+
+    def _prepared(self, path: str) -> torch.Tensor:
+        w = self.weight
+        entries = _prepared.setdefault(self, {})
+        entry = entries.get(path)
         # The entry keeps its source storage alive, so an equal address means the same storage;
         # the version counter then catches in-place writes.
         if entry is None or entry[0].data_ptr() != w.data_ptr() or entry[1] != w._version:
             source = w.detach()
-            entry = (source, w._version, torch.ops.mkldnn._reorder_linear_weight(source))
-            _packed_weights[self] = entry
+            if path == "onednn":
+                prepared = torch.ops.mkldnn._reorder_linear_weight(source)
+            elif path == "upcast":
+                prepared = source.float()
+            else:  # mkl: fp32 weight, or the fp32 copy of a bf16 one
+                base = self._prepared("upcast") if path == "upcast-mkl" else source
+                prepared = torch.ops.mkl._mkl_reorder_linear_weight(base, MKL_PACK_ROWS)
+            entry = (source, w._version, prepared)
+            entries[path] = entry
         return entry[2]
 
 

@@ -43,6 +43,7 @@ from discon_core.checkpoints import save_atomic, sha256_of
 from discon_core.config import read_json
 from discon_core.errors import DisconError
 from discon_core.hooks import hookimpl
+from discon_core.precision import SHORT
 from discon_core.runtime import output_dir, resolve_device
 
 log = logging.getLogger(__name__)
@@ -101,9 +102,10 @@ def encode_batch(images: torch.Tensor, dtok, ctok) -> tuple[torch.Tensor, torch.
 def build_cache(data: Mapping[str, Any], out: str | os.PathLike, *, dtok: str,
                 ctok: str, dtok_checkpoint: str | None = None, ctok_checkpoint: str | None = None,
                 shard_size: int = 1000, batch_size: int = 64, device: str | None = None,
-                progress: bool = True) -> Path:
+                dtype: str | torch.dtype = "auto", seed: int = 0, progress: bool = True) -> Path:
     """Pre-tokenize the dataset ``data`` (a :func:`discon_core.data.build_dataset` mapping) into
-    ``out``; resumable and torchrun-parallel. Returns the manifest path.
+    ``out``; resumable and torchrun-parallel. Returns the manifest path. ``dtype`` is the
+    tokenizers' (``build(dtype=)``; the manifest records it, a resume must match it).
 
     Stages: plan (tokenizers, dataset, shard layout) and check it against an existing manifest;
     each rank writes its missing shards; rank 0 gathers the sidecars into the final manifest."""
@@ -120,9 +122,9 @@ def build_cache(data: Mapping[str, Any], out: str | os.PathLike, *, dtok: str,
     out = check_output_dir(out, what="cache folder")
     rank, world, dev = setup_distributed(device)
     dataset = build_dataset(data)
-    torch.manual_seed(0)  # random-init tokenizers (tests) must agree across ranks too
-    dt = build("dtok", dtok, checkpoint=dtok_checkpoint, device=dev).eval()
-    ct = build("ctok", ctok, checkpoint=ctok_checkpoint, device=dev).eval()
+    torch.manual_seed(seed)  # random-init tokenizers (tests) must agree across ranks too
+    dt = build("dtok", dtok, checkpoint=dtok_checkpoint, device=dev, dtype=dtype).eval()
+    ct = build("ctok", ctok, checkpoint=ctok_checkpoint, device=dev, dtype=dtype).eval()
     if not hasattr(ct, "encode_moments"):
         raise DisconError(f"ctok {ctok!r} has no encode_moments(); the cache stores raw "
                           "posterior moments (contract extension for continuous tokenizers)")
@@ -130,6 +132,8 @@ def build_cache(data: Mapping[str, Any], out: str | os.PathLike, *, dtok: str,
             "dtok": component_record(dt, dtok_checkpoint),
             "ctok": component_record(ct, ctok_checkpoint),
             "data": dict(data), "num_items": len(dataset),
+            "data_fingerprint": getattr(dataset, "fingerprint", None),  # the items, not the config
+            "dtype": SHORT.get(next(ct.parameters()).dtype, "fp32"),
             "num_classes": int(dataset.num_classes), "shard_size": shard_size,
             "num_shards": math.ceil(len(dataset) / shard_size)}
     _start_manifest(out, plan, write=rank == 0)
@@ -163,8 +167,8 @@ def _start_manifest(out: Path, plan: dict, *, write: bool) -> None:
                 raise DisconError(
                     f"cache {out} was built with {kind} {_describe(old.get(kind, {}))}, not "
                     f"{_describe(plan[kind])}; use another --out folder or delete {out}")
-        for key in ("data", "num_items", "shard_size"):
-            if old.get(key) != plan[key]:
+        for key in ("data", "num_items", "data_fingerprint", "shard_size", "dtype"):
+            if old.get(key, plan[key] if key == "dtype" else None) != plan[key]:  # older: none
                 raise DisconError(f"cache {out} was built with {key}={old.get(key)!r}, now "
                                   f"{plan[key]!r}; use another --out folder or delete {out}")
     elif write:
@@ -336,15 +340,16 @@ def _add_cache(sub) -> None:
     p.add_argument("--limit", type=int, default=None, help="fashion-mnist: first N items only")
     p.add_argument("--image-size", type=int, default=None, help="folder: centre-crop size")
     p.add_argument("--dtok", required=True, help="discrete tokenizer preset")
-    p.add_argument("--dtok-checkpoint", help="its weights: a path, 'pretrained' or 'none'")
     p.add_argument("--ctok", required=True, help="continuous tokenizer preset")
-    p.add_argument("--ctok-checkpoint", help="its weights: a path, 'pretrained' or 'none'")
+    for kind in ("dtok", "ctok"):
+        p.add_argument(f"--{kind}-checkpoint", default="pretrained", metavar="PATH",
+                       help="its weights: a path, 'pretrained' (the preset's released weights; "
+                            "the default) or 'none' (random init)")
     p.add_argument("--out", required=True, help="cache folder (rerun to resume)")
     p.add_argument("--shard-size", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=64)
-    cli.add_device_option(p)
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_cmd_cache)
+    p.set_defaults(func=_cmd_cache, seed=0)  # --seed: random-init tokenizers (same on every rank)
 
 
 def _cmd_cache(args) -> int:
@@ -359,7 +364,8 @@ def _cmd_cache(args) -> int:
                            dtok_checkpoint=cli.checkpoint_arg(args.dtok_checkpoint),
                            ctok_checkpoint=cli.checkpoint_arg(args.ctok_checkpoint),
                            shard_size=args.shard_size, batch_size=args.batch_size,
-                           device=args.device, progress=not args.no_progress)
+                           device=args.device, dtype=args.dtype, seed=args.seed,
+                           progress=not args.no_progress)
     if int(os.environ.get("RANK", "0")) == 0:
         print(f"cache manifest: {path}")
     return 0

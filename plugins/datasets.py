@@ -5,12 +5,14 @@ Every dataset returns ``(image, label)`` with ``image`` float32 ``[3, H, W]`` in
 chooses flips), ``name(index)``, ``skipped`` and, where known, ``classes``. Registered through
 ``discon_register_datasets`` like any plugin's; configs name them ``data: {type: ...}``::
 
-    {"type": "fashion-mnist", "root": null, "split": "train", "limit": null}
+    {"type": "fashion-mnist", "root": null, "split": "train", "limit": null}   # train | val | test
     {"type": "folder", "root": "/data/imagenet/train", "image_size": 256}
 """
 from __future__ import annotations
 
+import functools
 import gzip
+import hashlib
 import math
 import os
 import struct
@@ -30,6 +32,11 @@ FASHION_MNIST_FILES = {
     "train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
+# The validation split: the last 1/VAL_DIVISOR of each class of the training file, by index
+# (500 per class, 5,000 of the 60,000): fixed by the file alone (no RNG, so no torch or numpy
+# version can change it), class balanced; "train" is the other 55,000.
+VAL_DIVISOR = 12
+FASHION_MNIST_SPLITS = ("train", "val", "test")
 FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
                          "Sneaker", "Bag", "Ankle boot")
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm",
@@ -109,6 +116,15 @@ class ImageFolder:
         """The file of item ``index`` relative to the root (the cache records it)."""
         return str(self.files[index][0].relative_to(self.root))
 
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 (16 hex) of the file list, labels and image size (not of the file contents:
+        reading a million images to key a cache would cost more than the cache saves)."""
+        h = hashlib.sha256(f"{self.image_size};".encode())
+        for i, (_, label) in enumerate(self.files):
+            h.update(f"{self.name(i)}:{label};".encode())
+        return h.hexdigest()[:16]
+
     def get(self, index: int, flip: bool = False) -> tuple[torch.Tensor, int] | None:
         """(image float32 [3,S,S] in [0,1], label), horizontally flipped if ``flip``; None when
         the file cannot be decoded."""
@@ -165,12 +181,22 @@ def _find_idx(root: Path, stem: str) -> Path:
                       "on Debian/Ubuntu: apt-get install dataset-fashion-mnist")
 
 
+def val_indices(labels: np.ndarray) -> np.ndarray:
+    """Indices (sorted) of the validation split in the training file: the last
+    ``len(class) // VAL_DIVISOR`` images of each class."""
+    picked = [np.flatnonzero(labels == c)[-(n // VAL_DIVISOR):]
+              for c in np.unique(labels) if (n := int((labels == c).sum())) >= VAL_DIVISOR]
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+
+
 class FashionMNIST:
     """Fashion-MNIST from IDX files, as the agreed CPU-scale dataset: 28x28 grey, zero-padded
     by 2 pixels to 32x32 (the background is 0), replicated to 3 channels, 10 classes.
 
     ``root``: a folder with the IDX files (gzipped or not); default ``$DISCON_FASHION_MNIST`` or
-    Debian's ``/usr/share/datasets/fashion-mnist``. ``limit`` keeps the first N items.
+    Debian's ``/usr/share/datasets/fashion-mnist``. ``split``: ``train`` (55,000: the training
+    file without the validation split), ``val`` (5,000 of the training file, see
+    ``VAL_DIVISOR``) or ``test`` (10,000). ``limit`` keeps the first N items of the split.
     """
 
     num_classes = 10
@@ -183,22 +209,32 @@ class FashionMNIST:
             raise DisconError(f"Fashion-MNIST folder {root} {_missing(root)} (data.root); install "
                               "Debian's dataset-fashion-mnist package or pass a folder holding "
                               "the IDX files")
-        if split not in FASHION_MNIST_FILES:
-            raise DisconError(f"data.split must be one of {', '.join(FASHION_MNIST_FILES)}, "
+        if split not in FASHION_MNIST_SPLITS:
+            raise DisconError(f"data.split must be one of {', '.join(FASHION_MNIST_SPLITS)}, "
                               f"got {split!r}")
         if image_size < 28 or (image_size - 28) % 2:
             raise DisconError(f"data.image_size for Fashion-MNIST must be 28 + an even padding "
                               f"(e.g. 32), got {image_size!r}")
-        images_stem, labels_stem = FASHION_MNIST_FILES[split]
+        images_stem, labels_stem = FASHION_MNIST_FILES["test" if split == "test" else "train"]
         images = read_idx(_find_idx(root, images_stem))
         labels = read_idx(_find_idx(root, labels_stem))
         if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
             raise DisconError(f"Fashion-MNIST files in {root} disagree: images {images.shape}, "
                               f"labels {labels.shape}")
+        index = np.arange(len(labels))
+        if split != "test":
+            val = np.zeros(len(labels), bool)
+            val[val_indices(labels)] = True
+            index = index[val if split == "val" else ~val]
         if limit is not None:
             if int(limit) <= 0:
                 raise DisconError(f"data.limit must be a positive integer, got {limit!r}")
-            images, labels = images[:int(limit)], labels[:int(limit)]
+            index = index[:int(limit)]
+        if not len(index):
+            raise DisconError(f"Fashion-MNIST split {split!r} in {root} is empty (the validation "
+                              f"split takes 1/{VAL_DIVISOR} of each class of >= {VAL_DIVISOR})")
+        images, labels = images[index], labels[index]
+        self.index = index                                             # rows of the IDX file
         self.root, self.split, self.image_size = root, split, int(image_size)
         self.pad = (self.image_size - images.shape[-1]) // 2
         self.images = torch.from_numpy(np.ascontiguousarray(images))  # uint8 [N,28,28]
@@ -209,7 +245,15 @@ class FashionMNIST:
         return len(self.labels)
 
     def name(self, index: int) -> str:
-        return f"{self.split}/{index:05d}"
+        """The split and the row in its IDX file (train and val share the training file)."""
+        return f"{self.split}/{int(self.index[index]):05d}"
+
+    @functools.cached_property
+    def fingerprint(self) -> str:
+        """sha256 (16 hex) of the split's images and labels: what keys caches of its contents."""
+        h = hashlib.sha256(self.images.numpy().tobytes())
+        h.update(self.labels.numpy().tobytes())
+        return h.hexdigest()[:16]
 
     def get(self, index: int, flip: bool = False) -> tuple[torch.Tensor, int]:
         """(image float32 [3,32,32] in [0,1], label)."""

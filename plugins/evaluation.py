@@ -1,5 +1,6 @@
 """Evaluation, a built-in plugin: FID, KID, Inception Score, precision/recall (torch-fidelity's
-implementations), class accuracy and PSNR over any registered feature extractor, and the
+implementations), class accuracy and PSNR over any registered feature extractor, pixel
+statistics with a check for a systematic shift (``discon_plugins/pixel_stats.py``), and the
 ``discon eval`` command. Optional (``pip install 'discon[eval]'``): the core never imports it.
 
 An input is a folder of images, an ``.npz`` of images (ADM layout: ``arr_0`` uint8 NHWC,
@@ -22,6 +23,7 @@ import hashlib
 import json
 import logging
 import os
+import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -33,6 +35,7 @@ from discon_core import cli, hooks
 from discon_core.errors import DisconError, close_matches
 from discon_core.hooks import hookimpl
 from discon_core.runtime import check_output_dir, resolve_device
+from discon_plugins import pixel_stats
 
 log = logging.getLogger(__name__)
 
@@ -64,13 +67,23 @@ def parse_metrics(text: str | None) -> list[str] | None:
     return names
 
 
-def get_extractor(name: str, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """Build the registered extractor ``name`` on ``device``."""
+def get_extractor(name: str, device: torch.device | str = "cpu",
+                  dtype: torch.dtype = torch.float32) -> torch.nn.Module:
+    """Build the registered extractor ``name`` on ``device``; it computes in ``dtype`` (by
+    autocast: its fp32 weights and preprocessing stay as they are; features come back fp32)."""
     table = hooks.extractors()
     if name not in table:
         raise DisconError(f"unknown extractor {name!r}; registered: {', '.join(sorted(table))}"
                           f"{close_matches(name, table)}")
-    return table[name].fn().to(device).eval().requires_grad_(False)
+    module = table[name].fn().to(device).eval().requires_grad_(False)
+    module.compute_dtype = dtype
+    return module
+
+
+def default_extractor(ref: str) -> str:
+    """``--extractor`` by the reference: the Fashion-MNIST classifier for Fashion-MNIST
+    (``fashion-mnist:SPLIT``), the standard Inception network for everything else."""
+    return "fmnist" if ref.partition(":")[0] == "fashion-mnist" else "inception"
 
 
 # ------------------------------------------------------------------------------------------------
@@ -206,8 +219,12 @@ def load_input(spec: str) -> EvalInput:
         labels = getattr(ds, "labels", None)
         if labels is None:
             labels = torch.tensor([ds.get(i)[1] for i in range(len(ds))])
+        # keyed by the split's contents where the dataset says them (a redefined split, e.g.
+        # train without val, never reuses features of the old one)
+        fingerprint = getattr(ds, "fingerprint", None)
         return EvalInput(spec, images=DatasetImages(ds), labels=torch.as_tensor(labels),
-                         cache_key=f"{kind}-{split}-{getattr(ds, 'image_size', '')}px")
+                         cache_key=f"{kind}-{split}-{getattr(ds, 'image_size', '')}px"
+                                   + (f"-{fingerprint}" if fingerprint else ""))
     if spec.startswith("folder:"):
         path = Path(spec.split(":", 1)[1])
         if not path.is_dir():
@@ -270,7 +287,9 @@ def _fidelity_name(extractor) -> str:
             return False
 
         def forward(self, x):
-            features, logits = self.extractor(x)
+            dtype = getattr(self.extractor, "compute_dtype", torch.float32)
+            with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+                features, logits = self.extractor(x)
             named = {"features": features, "logits": logits}
             return tuple(named[k].float() for k in self.features_list)
 
@@ -295,32 +314,79 @@ def extract(extractor, images, *, device: torch.device, batch_size: int = 64,
 def _cache_path(key: str, extractor) -> Path:
     from discon_core.checkpoints import discon_home
     prep = hashlib.sha256(extractor.preprocessing.encode()).hexdigest()[:12]
-    return discon_home() / "eval" / f"{key}-{extractor.name}-{prep}.safetensors"
+    dtype = getattr(extractor, "compute_dtype", torch.float32)  # features differ by precision
+    suffix = "" if dtype == torch.float32 else f"-{str(dtype).removeprefix('torch.')}"
+    return discon_home() / "eval" / f"{key}-{extractor.name}-{prep}{suffix}.safetensors"
+
+
+def _cached(path: Path, make, valid, metadata: dict) -> dict[str, torch.Tensor]:
+    """``make()`` (a dict of tensors) read from / written to the cache file ``path``; written
+    atomically (an interrupted run leaves no partial file); a damaged or ``valid``-failing entry
+    is recomputed, never trusted."""
+    from safetensors.torch import load_file
+
+    from discon_core.checkpoints import save_atomic
+    if path.is_file():
+        try:
+            tensors = load_file(str(path))
+            if valid(tensors):
+                return tensors
+        except Exception as e:
+            log.warning("recomputing damaged reference cache %s: %s", path, e)
+    tensors = make()
+    save_atomic(tensors, path, metadata=metadata)
+    return tensors
 
 
 def features_of(inp: EvalInput, extractor, **kw) -> dict[str, torch.Tensor]:
-    """Features of an input; dataset references are read from / written to the cache (written
-    atomically: an interrupted run leaves no partial file)."""
+    """Features of an input; those of dataset references are cached."""
     if inp.stats is not None or inp.features:
         return inp.features
     if inp.cache_key is None:
         inp.features = extract(extractor, inp.images, **kw)
         return inp.features
-    from safetensors.torch import load_file
-
-    from discon_core.checkpoints import save_atomic
-    path = _cache_path(inp.cache_key, extractor)
-    if path.is_file():
-        try:
-            inp.features = load_file(str(path))
-            if inp.features["features"].shape == (len(inp), extractor.feature_dim):
-                return inp.features
-        except Exception as e:  # a damaged cache entry is recomputed, never trusted
-            log.warning("recomputing damaged reference cache %s: %s", path, e)
-    inp.features = extract(extractor, inp.images, **kw)
-    save_atomic(inp.features, path, metadata={"source": inp.source, "extractor": extractor.name,
-                                              "preprocessing": extractor.preprocessing})
+    inp.features = _cached(
+        _cache_path(inp.cache_key, extractor), lambda: extract(extractor, inp.images, **kw),
+        lambda t: t["features"].shape == (len(inp), extractor.feature_dim),
+        {"source": inp.source, "extractor": extractor.name,
+         "preprocessing": extractor.preprocessing})
     return inp.features
+
+
+def pixels_of(inp: EvalInput) -> pixel_stats.PixelStats | None:
+    """Pixel statistics of an input (None for statistics-only inputs); those of dataset
+    references are cached beside their features."""
+    if inp.images is None:
+        return None
+    if inp.cache_key is None:
+        return pixel_stats.pixel_statistics(inp.images)
+    from discon_core.checkpoints import discon_home
+
+    def make() -> dict[str, torch.Tensor]:
+        px = pixel_stats.pixel_statistics(inp.images)
+        return {"values": torch.from_numpy(px.values), "hist": torch.from_numpy(px.hist)}
+
+    t = _cached(discon_home() / "eval" / f"{inp.cache_key}-pixels-v1.safetensors", make,
+                lambda t: t["values"].shape == (len(inp), len(pixel_stats.PER_IMAGE)),
+                {"source": inp.source})
+    return pixel_stats.PixelStats(t["values"].numpy(), t["hist"].numpy())
+
+
+def reference_statistics(inp: EvalInput, extractor, **kw) -> Path:
+    """The FID statistics (``mu``, ``sigma``, ``n``) of a dataset reference as an ``.npz`` that
+    ``--ref`` accepts, written once beside its cached features: the 10,000-image Inception
+    statistics of a test split are computed once and reused anywhere (even without the data)."""
+    if inp.cache_key is None:
+        raise DisconError(f"{inp.source}: reference statistics are kept for dataset references "
+                          "(DATASET:SPLIT or folder:PATH) only")
+    path = _cache_path(inp.cache_key, extractor).with_suffix(".npz")
+    if not path.is_file():
+        from discon_core.checkpoints import atomic_path
+        stats = statistics(features_of(inp, extractor, **kw)["features"])
+        with atomic_path(path) as tmp:
+            with open(tmp, "wb") as f:  # a file object: np.savez would append .npz to the name
+                np.savez(f, mu=stats["mu"], sigma=stats["sigma"], n=len(inp))
+    return path
 
 
 # ------------------------------------------------------------------------------------------------
@@ -407,6 +473,13 @@ def compute(gen: EvalInput, ref: EvalInput, extractor, metrics: list[str] | None
         out["class_accuracy"] = float((fg["logits"].argmax(1) == gen.labels).float().mean())
     elif asked and "class_accuracy" in asked:
         raise DisconError("class accuracy needs labels (arr_1 in the .npz or sample.json)")
+    pg, pr = pixels_of(gen), pixels_of(ref)
+    if pg is not None and pr is not None:
+        out["pixels"], out["pixel_check"] = pixel_stats.compare(pg, pr)
+        if not out["pixel_check"]["pass"]:
+            log.warning(pixel_stats.describe_failure(out["pixels"], out["pixel_check"]))
+    if ref.cache_key is not None and "fid" in metrics:
+        out["reference_stats"] = str(reference_statistics(ref, extractor, **kw))
     out.update({"N": n_gen, "N_ref": n_ref, "extractor": extractor.name,
                 "preprocessing": extractor.preprocessing, "generated": gen.source,
                 "reference": ref.source, "kid_subset_size": kid_subset_size if "kid" in out else None,
@@ -442,12 +515,16 @@ def _add_eval(sub) -> None:
                                                 "(arr_0) or statistics .npz (mu, sigma)")
     p.add_argument("--ref", required=True, help="the same kinds, DATASET:SPLIT (e.g. "
                                                 "fashion-mnist:test) or folder:PATH")
-    p.add_argument("--extractor", default="fmnist", help="inception | fmnist (default fmnist)")
+    p.add_argument("--extractor", default=None, help="inception | fmnist (default: fmnist for a "
+                                                     "fashion-mnist:SPLIT reference, else inception)")
     p.add_argument("--metrics", default=None, help="comma-separated: fid,kid,isc,prc "
                                                    "(default: all the inputs allow)")
     p.add_argument("--kid-subset-size", type=int, default=1000)
     p.add_argument("--batch-size", type=int, default=100)
-    p.add_argument("--json", default=None, metavar="OUT", help="write the results as JSON")
+    p.add_argument("--out", default=None, metavar="FILE",
+                   help="also write the results as JSON to FILE (a regular file)")
+    p.add_argument("--json", action="store_true",
+                   help="print the results as JSON on stdout instead of the table")
     p.add_argument("--reconstruct", action="store_true",
                    help="score reconstructions of --ref by --dtok or --ctok (rFID) with PSNR")
     for kind in ("dtok", "ctok"):
@@ -458,19 +535,22 @@ def _add_eval(sub) -> None:
     p.add_argument("--grid", default=None, metavar="PNG",
                    help="with --reconstruct: also save the first 10 reference images (top row) "
                         "and their reconstructions (bottom row)")
-    cli.add_device_option(p)
     p.add_argument("--no-progress", action="store_true")
-    p.set_defaults(func=_cmd_eval)
+    p.set_defaults(func=_cmd_eval, seed=2020)  # KID subsets, IS splits, PR: torch-fidelity's seed
 
 
 def _cmd_eval(args) -> int:
+    from discon_core.checkpoints import atomic_path, file_target
+    from discon_core.precision import hardware_record, resolve_dtype
     from discon_core.registry import build
 
     names = parse_metrics(args.metrics)
     device = resolve_device(args.device)
-    if args.json:
-        check_output_dir(os.path.dirname(os.path.abspath(args.json)), what="--json folder")
-    extractor = get_extractor(args.extractor, device)
+    dtype = resolve_dtype(args.dtype, device, "--dtype")
+    if args.out:  # a bad target is refused before any work
+        check_output_dir(os.path.dirname(os.path.abspath(args.out)), what="--out folder")
+        file_target(args.out)
+    extractor = get_extractor(args.extractor or default_extractor(args.ref), device, dtype)
     ref = load_input(args.ref)
     mean_psnr = None
     if args.reconstruct:
@@ -482,7 +562,7 @@ def _cmd_eval(args) -> int:
                  if kind == "ctok" and args.ctok_latents_stats else {})
         tok = build(kind, getattr(args, kind),
                     checkpoint=cli.checkpoint_arg(getattr(args, f"{kind}_checkpoint")),
-                    device=device, **extra)
+                    device=device, dtype=dtype, **extra)
         if args.grid:
             check_output_dir(os.path.dirname(os.path.abspath(args.grid)), what="--grid folder")
         gen, mean_psnr = reconstruct(tok, ref, device=device, batch_size=args.batch_size,
@@ -491,7 +571,8 @@ def _cmd_eval(args) -> int:
             from discon_core.images import save_grid
             pair = torch.stack([ref.images[i] for i in range(10)] +
                                [gen.images[i] for i in range(10)]).float() / 255
-            print(f"wrote {save_grid(pair, args.grid, nrow=10)}")
+            print(f"wrote {save_grid(pair, args.grid, nrow=10)}",  # stdout: only the JSON
+                  file=sys.stderr if args.json else sys.stdout)
     elif args.grid:
         raise DisconError("--grid shows reconstructions: use it with --reconstruct")
     elif args.generated is None:
@@ -499,17 +580,27 @@ def _cmd_eval(args) -> int:
     else:
         gen = load_input(args.generated)
     out = compute(gen, ref, extractor, names, device=device, batch_size=args.batch_size,
-                  kid_subset_size=args.kid_subset_size, progress=not args.no_progress)
+                  kid_subset_size=args.kid_subset_size, seed=args.seed,
+                  progress=not args.no_progress)
     if mean_psnr is not None:
         out["psnr"] = mean_psnr
+    out.update(seed=args.seed, hardware=hardware_record(device, dtype))
+    text = json.dumps(out, indent=2, default=str)
+    if args.out:
+        with atomic_path(args.out) as tmp:  # any file name, always JSON
+            tmp.write_text(text)
+    if args.json:
+        print(text)
+        return 0
     for key in ("fid", "kid", "isc", "precision", "recall", "class_accuracy", "psnr"):
         if key in out:
             print(f"{key:<16}{out[key]:.4f}")
+    for key, v in out.get("pixels", {}).items():  # grey levels for means, shares for the rest
+        print(f"{key:<16}{v:.4f}" if not isinstance(v, dict) else
+              f"{key:<16}{v['value']:.4f} (reference {v['reference']:.4f})")
+    if "pixel_check" in out:
+        print(f"{'pixel_check':<16}{'pass' if out['pixel_check']['pass'] else 'FAIL'}")
     print(f"{'N':<16}{out['N']} generated vs {out['N_ref']} reference ({out['extractor']})")
-    if args.json:
-        from discon_core.checkpoints import atomic_path
-        with atomic_path(args.json) as tmp:  # any file name, always JSON
-            tmp.write_text(json.dumps(out, indent=2, default=str))
     return 0
 
 

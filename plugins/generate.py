@@ -11,7 +11,8 @@ both use the embedded default (``discon_plugins/default_model.py``).
 ``OUT/`` receives one PNG per image (``images/img_000123.png``), ``samples.npz`` in ADM's layout
 (``arr_0`` uint8 [N,H,W,3], ``arr_1`` int64 labels; what MAR's and RAR's evaluations read) and
 ``sample.json``, the complete sampling configuration (presets, checkpoints with sha256, steps,
-guidance, temperatures, seed, dtype, device).
+guidance, temperatures, seed, dtype, device) and ``hardware`` (``precision.hardware_record``:
+what the last run on the folder ran on; a resume on other hardware is allowed).
 
 Labels are class-balanced (image ``i`` has class ``i % num_classes``, so N / num_classes per class
 when N is a multiple). Batch ``k`` covers images ``[k*B, (k+1)*B)`` and draws from its own
@@ -68,10 +69,8 @@ def _add_pipeline_options(p) -> None:
     p.add_argument("--temperature", type=float, default=None,
                    help="continuous-stage (head) temperature (default: the backbone preset's)")
     p.add_argument("--batch-size", type=int, default=16)
-    p.add_argument("--seed", type=int, default=0)
-    cli.add_device_option(p)
-    cli.add_dtype_option(p)
     p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(seed=0)  # --device, --dtype, --seed: the common flags (docs/cli.md)
 
 
 # The embedded default (Fashion-MNIST, weights inside the package; docs/default_model.md):
@@ -181,7 +180,7 @@ def _cmd_run(args) -> int:
     from discon_core.data import class_names
     from discon_core.images import save_grid, save_images
     from discon_core.pipeline import Pipeline
-    from discon_core.registry import parse_dtype
+    from discon_core.precision import resolve_dtype
 
     if args.num is not None:
         _check_batching(args, MAX_RUN_IMAGES)
@@ -190,7 +189,7 @@ def _cmd_run(args) -> int:
     with output_dir(args.out):  # checked before any weights load; removed if nothing is written
         names, ckpts = _pipeline_names(args)
         pipe = Pipeline.from_names(**names, checkpoints=ckpts, device=device,
-                                   dtype=parse_dtype(args.dtype, "--dtype"))
+                                   dtype=resolve_dtype(args.dtype, device, "--dtype"))
         if args.compare_discrete and (pipe.dtok is None or pipe.backbone is None):
             raise DisconError("--compare-discrete needs a DisCon pipeline (a prior, a dtok and a "
                               "backbone): name --dtok too")
@@ -269,14 +268,14 @@ def _cmd_sample(args) -> int:
     from discon_core.checkpoints import sha256_of
     from discon_core.distributed import setup_distributed
     from discon_core.pipeline import Pipeline
-    from discon_core.registry import parse_dtype
+    from discon_core.precision import hardware_record, resolve_dtype
 
     _check_batching(args, 10_000_000)
     rank, world, device = setup_distributed(args.device)  # under torchrun: one device per rank
     with output_dir(args.out):
         names, ckpts = _pipeline_names(args)
-        pipe = Pipeline.from_names(**names, checkpoints=ckpts, device=device,
-                                   dtype=parse_dtype(args.dtype, "--dtype"))
+        dtype = resolve_dtype(args.dtype, device, "--dtype")
+        pipe = Pipeline.from_names(**names, checkpoints=ckpts, device=device, dtype=dtype)
         files = {}
         for kind, module in ((k, getattr(pipe, k)) for k in KINDS_IN_PIPELINE):
             if module is not None:
@@ -286,7 +285,9 @@ def _cmd_sample(args) -> int:
         config = {"mode": pipe.mode, "presets": {k: v for k, v in names.items() if v},
                   "checkpoints": files, "ar_steps": args.ar_steps, "head_steps": args.head_steps,
                   "prior_cfg": args.prior_cfg, "prior_temperature": args.prior_temperature,
-                  "cfg_scale": args.cfg_scale, "temperature": args.temperature, "dtype": args.dtype, "device": str(device)}
+                  "cfg_scale": args.cfg_scale, "temperature": args.temperature,
+                  "dtype": args.dtype, "device": str(device),
+                  "hardware": hardware_record(device, dtype)}
         path = write_samples(_generate_fn(pipe, args), args.out, num=args.num,
                              num_classes=pipe.num_classes, batch_size=args.batch_size,
                              seed=args.seed, config=config, device=device, rank=rank,
@@ -339,7 +340,8 @@ def write_samples(generate: Callable[[torch.Tensor, torch.Generator], torch.Tens
         except (json.JSONDecodeError, UnicodeDecodeError):
             raise DisconError(f"{meta} is not valid JSON; delete {out} to sample afresh") from None
         diff = sorted(k for k in set(old) | set(info)
-                      if k not in ("complete", "labels") and old.get(k) != info.get(k))
+                      if k not in ("complete", "labels", "hardware")  # a resume may move
+                      and old.get(k) != info.get(k))
         if diff:
             raise DisconError(f"{out} holds samples made with other settings ({', '.join(diff)}: "
                               f"{ {k: old.get(k) for k in diff} } there, "

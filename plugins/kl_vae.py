@@ -21,7 +21,9 @@ Internally the network sees images in [-1, 1]. The raw pieces are public for cac
 parity checks: ``encode_moments`` (the ``quant_conv`` output, mean and logvar),
 ``posterior``, ``latents_from_moments``, ``decode_raw`` (the unclamped [-1,1] decoder output).
 
-Training from scratch (``training_loss``): reconstruction (L1 or MSE) + ``kl_weight`` * KL.
+Training from scratch (``training_loss``): reconstruction (L1 or MSE) + ``kl_weight`` * KL;
+``bounded_loss`` (the tiny presets) lets black/white targets be overshot for free, as the
+clamped image shows them (:func:`bounded_to_targets`).
 New latent statistics for a new tokenizer: :func:`compute_latents_stats` and
 :func:`save_latents_stats` (the official format).
 """
@@ -84,7 +86,7 @@ class AutoencoderKL(nn.Module):
     def __init__(self, *, embed_dim: int, ch: int, ch_mult: Sequence[int], num_res_blocks: int,
                  attn_resolutions: Sequence[int], decoder_attn_resolutions: Sequence[int],
                  resolution: int, dropout: float, num_groups: int, kl_weight: float,
-                 rec_loss: str, name: str):
+                 rec_loss: str, name: str, bounded_loss: bool = False):
         super().__init__()
         check_widths(ch, ch_mult, num_groups, ch_name="ch", mult_name="ch_mult")
         if rec_loss not in REC_LOSSES:
@@ -102,6 +104,7 @@ class AutoencoderKL(nn.Module):
         self.downsample = 2 ** (len(ch_mult) - 1)
         self.kl_weight = kl_weight
         self.rec_loss = rec_loss
+        self.bounded_loss = bool(bounded_loss)
         self.name = name
         self.register_buffer("latent_shift", torch.zeros(1, embed_dim, 1, 1), persistent=False)
         self.register_buffer("latent_scale", torch.ones(1, embed_dim, 1, 1), persistent=False)
@@ -195,7 +198,8 @@ class AutoencoderKL(nn.Module):
         official ``quant_conv`` output, before the logvar clamp; what latent caches store)."""
         check_images(images, channels=3, downsample=self.downsample,
                      what=f"{self.name} encode")
-        return self.moments(images * 2.0 - 1.0)
+        # computed in the weights' dtype (build(dtype=...)); fp32 images are the common input
+        return self.moments(images.to(self.quant_conv.weight.dtype) * 2.0 - 1.0)
 
     @staticmethod
     def posterior(moments: torch.Tensor) -> DiagonalGaussian:
@@ -214,7 +218,7 @@ class AutoencoderKL(nn.Module):
 
     def decode_raw(self, z: torch.Tensor) -> torch.Tensor:
         """Raw (un-normalized) latents -> the decoder output in about [-1, 1], unclamped."""
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(z.to(self.post_quant_conv.weight.dtype)))
 
     # ------------------------------------------------------------------ interface
     def encode(self, images: torch.Tensor, *, sample: bool = False,
@@ -246,19 +250,37 @@ class AutoencoderKL(nn.Module):
         loss = rec + kl_weight * KL / (3*H*W), with rec the per-pixel L1 (or MSE) in [-1, 1]
         and KL summed over the latent: LDM's balance (summed reconstruction + kl_weight * KL),
         divided by the pixel count so the loss reads per pixel. The posterior sample uses
-        ``generator``.
+        ``generator``. With ``bounded_loss`` the reconstruction is compared as
+        :func:`bounded_to_targets` leaves it (see there; off in the official presets).
         """
         moments = self.encode_moments(images)
         post = DiagonalGaussian(moments)
         x = images * 2.0 - 1.0
         recon = self.decode_raw(post.sample(generator))
-        rec = F.l1_loss(recon, x) if self.rec_loss == "l1" else F.mse_loss(recon, x)
+        shown = bounded_to_targets(recon, x) if self.bounded_loss else recon
+        rec = F.l1_loss(shown, x) if self.rec_loss == "l1" else F.mse_loss(shown, x)
         kl = post.kl().mean()
         loss = rec + self.kl_weight * kl / x[0].numel()
         with torch.no_grad():
             logs = {"loss": loss.item(), "rec": rec.item(), "kl": kl.item(),
                     "psnr": psnr(images, (recon + 1.0) / 2.0).mean().item()}
         return loss, logs
+
+
+def bounded_to_targets(recon: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """``recon`` with its overshoot past the bound its target lies on removed: clamped to >= -1
+    where the target is -1 (black) and to <= 1 where it is 1 (white), unchanged elsewhere.
+
+    ``decode`` clamps to [-1, 1], so such overshoot is invisible and should cost nothing. A plain
+    L1/MSE instead pulls every black-background output back up to exactly -1, so it settles
+    symmetrically around -1, and after the clamp and uint8 rounding only a part of the background
+    is exactly 0 (the rest a faint grey; docs/reproduction.md, "the grey haze"). Bounded, an
+    output at or below -1 gets no gradient and stays black; outputs for targets inside (-1, 1)
+    keep the full loss, so no pixel can get stuck in the flat region.
+    """
+    target = target.to(recon.dtype)
+    low, high = target <= -1.0, target >= 1.0
+    return torch.where(low, recon.clamp_min(-1.0), torch.where(high, recon.clamp_max(1.0), recon))
 
 
 def compute_latents_stats(latents: torch.Tensor | Iterable[torch.Tensor]
@@ -303,19 +325,22 @@ def save_latents_stats(stats: dict[str, torch.Tensor], path: str | os.PathLike) 
 def _autoencoder(name: str, embed_dim: int, ch: int, ch_mult: Sequence[int],
                  num_res_blocks: int, attn_resolutions: Sequence[int],
                  decoder_attn_resolutions: Sequence[int], resolution: int, dropout: float,
-                 num_groups: int, kl_weight: float, rec_loss: str) -> AutoencoderKL:
+                 num_groups: int, kl_weight: float, rec_loss: str,
+                 bounded_loss: bool) -> AutoencoderKL:
     return AutoencoderKL(embed_dim=embed_dim, ch=ch, ch_mult=tuple(ch_mult),
                          num_res_blocks=num_res_blocks, attn_resolutions=attn_resolutions,
                          decoder_attn_resolutions=decoder_attn_resolutions,
                          resolution=resolution, dropout=dropout, num_groups=num_groups,
-                         kl_weight=kl_weight, rec_loss=rec_loss, name=name)
+                         kl_weight=kl_weight, rec_loss=rec_loss, name=name,
+                         bounded_loss=bounded_loss)
 
 
 def ldm_kl(embed_dim: int = 16, ch: int = 128, ch_mult: Sequence[int] = (1, 1, 2, 2, 4),
            num_res_blocks: int = 2, attn_resolutions: Sequence[int] = (16,),
            decoder_attn_resolutions: Sequence[int] = (), resolution: int = 256,
            dropout: float = 0.0, num_groups: int = 32, scale_factor: float = 0.2325,
-           kl_weight: float = 1e-6, rec_loss: str = "l1") -> AutoencoderKL:
+           kl_weight: float = 1e-6, rec_loss: str = "l1", bounded_loss: bool = False
+           ) -> AutoencoderKL:
     """LDM KL autoencoder as MAR uses it (KL-16), latents multiplied by ``scale_factor``.
 
     ``attn_resolutions`` applies to the encoder, ``decoder_attn_resolutions`` to the decoder
@@ -324,7 +349,7 @@ def ldm_kl(embed_dim: int = 16, ch: int = 128, ch_mult: Sequence[int] = (1, 1, 2
     """
     model = _autoencoder("ldm-kl", embed_dim, ch, ch_mult, num_res_blocks, attn_resolutions,
                          decoder_attn_resolutions, resolution, dropout, num_groups, kl_weight,
-                         rec_loss)
+                         rec_loss, bounded_loss)
     model.checkpoint_drop = ("loss.",)
     model.set_scale_factor(scale_factor)
     return model
@@ -335,7 +360,8 @@ def va_vae(embed_dim: int = 32, ch: int = 128, ch_mult: Sequence[int] = (1, 1, 2
            decoder_attn_resolutions: Sequence[int] = (16,), resolution: int = 256,
            dropout: float = 0.0, num_groups: int = 32,
            latents_stats: str | None = None, latent_multiplier: float = 1.0,
-           kl_weight: float = 1e-6, rec_loss: str = "l1") -> AutoencoderKL:
+           kl_weight: float = 1e-6, rec_loss: str = "l1", bounded_loss: bool = False
+           ) -> AutoencoderKL:
     """VA-VAE (LightningDiT) with per-channel latent normalization from ``latents_stats``.
 
     The official Lightning file ``{'state_dict': ...}`` also holds the training-only
@@ -344,7 +370,7 @@ def va_vae(embed_dim: int = 32, ch: int = 128, ch_mult: Sequence[int] = (1, 1, 2
     """
     model = _autoencoder("va-vae", embed_dim, ch, ch_mult, num_res_blocks, attn_resolutions,
                          decoder_attn_resolutions, resolution, dropout, num_groups, kl_weight,
-                         rec_loss)
+                         rec_loss, bounded_loss)
     model.checkpoint_drop = ("loss.", "foundation_model.", "linear_proj.")
     model.set_latents_stats(latents_stats, latent_multiplier)
     return model

@@ -106,7 +106,8 @@ class MaskGitVQ(nn.Module):
         """Images float ``[B, 3, H, W]`` in [0, 1] -> token ids int64 ``[B, H/f, W/f]``."""
         check_images(images, channels=self.num_channels, downsample=self.downsample,
                      what="maskgit-vq encode")
-        return self.quantize.indices(self.encoder(images))
+        # computed in the weights' dtype (build(dtype=...)); fp32 images are the common input
+        return self.quantize.indices(self.encoder(images.to(self.quantize.embedding.weight.dtype)))
 
     def decode(self, tokens: torch.Tensor) -> torch.Tensor:
         """Token ids int64 ``[B, h, w]`` -> images ``[B, 3, h*f, w*f]`` clamped to [0, 1]."""

@@ -210,7 +210,8 @@ def _cache_tokenizer(cfg: TrainConfig, ds, kind: str, device) -> nn.Module:
     params = dict(rec.get("params") or {})
     if kind in cfg.components:
         params.update(component_spec(cfg.components[kind], kind)["overrides"])
-    module = build(kind, rec["preset"], checkpoint=rec["checkpoint"], device=device, **params)
+    module = build(kind, rec["preset"], checkpoint=rec["checkpoint"], device=device,
+                   dtype="fp32", **params)  # the trainer's autocast sets the precision
     return module.eval().requires_grad_(False)
 
 

@@ -280,9 +280,11 @@ def _sample_stage(study: dict, secs: dict, ctok_overrides: dict) -> Path:
 
 def _cmd_study(args) -> int:
     from discon_core.cli import config_overrides
-    quiet = [f"{stage}.train.progress=false" for stage in ("dtok", "ctok", "discon", "prior")
-             if args.no_progress]
-    grid = run_study(args.config, config_overrides(args) + quiet, progress=not args.no_progress)
+    stages = ("dtok", "ctok", "discon", "prior")
+    quiet = [f"{stage}.train.progress=false" for stage in stages if args.no_progress]
+    threads = [f"threads={args.threads}"] if args.threads is not None else []  # the config's key
+    overrides = config_overrides(args, [f"{stage}.train.precision" for stage in stages])
+    grid = run_study(args.config, overrides + quiet + threads, progress=not args.no_progress)
     print(f"samples: {grid}")
     return 0
 

@@ -58,3 +58,110 @@ def test_user_registry_option(tmp_path, capsys):
     assert yaml.safe_load(capsys.readouterr().out)["params"]["num_hidden_layers"] == 2
     from discon_core import registry
     registry.set_user_registry(None)
+
+
+# -- one CLI: the common flags (docs/cli.md) -----------------------------------------------------
+
+COMMON = ("--debug", "-v", "-q", "--device", "--dtype", "--seed", "--threads", "--out")
+
+
+def _commands(parser=None) -> dict:
+    import argparse
+
+    from discon_core.cli import build_parser
+    parser = parser or build_parser()
+    action = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return action.choices
+
+
+def test_every_subcommand_has_the_common_flags_plugins_included():
+    import types
+
+    from discon_core import hooks
+    from discon_core.hooks import hookimpl
+
+    plugin = types.SimpleNamespace(discon_register_commands=hookimpl(
+        lambda subparsers: subparsers.add_parser("third-party").set_defaults(func=print)))
+    hooks.register_plugin(plugin, name="third-party-plugin")
+    try:
+        commands = _commands()
+    finally:
+        hooks.reset()
+    assert {"plugins", "show", "train", "run", "sample", "eval", "cache", "study",
+            "third-party"} <= set(commands)
+    for name, p in commands.items():
+        flags = {s for a in p._actions for s in a.option_strings}
+        assert set(COMMON) <= flags, (name, set(COMMON) - flags)
+
+
+def test_logging_flags_before_and_after_the_subcommand():
+    from discon_core.cli import build_parser
+    parse = build_parser().parse_args
+    assert parse(["-v", "plugins"]).verbose and parse(["plugins", "-v"]).verbose
+    assert parse(["--debug", "show", "prior", "x"]).debug
+    assert parse(["show", "prior", "x", "--debug"]).debug
+    assert parse(["-q", "plugins"]).quiet and parse(["plugins", "--quiet"]).quiet
+    none = parse(["plugins"])
+    assert not (none.verbose or none.quiet or none.debug)
+    r = run("show", "prior", "rar-bb", "--debug")  # after the command: tracebacks too
+    assert r.returncode == 1 and "Traceback" in r.stderr
+
+
+def test_common_flag_defaults_per_command():
+    from discon_core.cli import build_parser
+    parse = build_parser().parse_args
+    run_args = parse(["run"])
+    assert (run_args.dtype, run_args.seed, run_args.out, run_args.device) == (
+        "auto", 0, "samples", None)
+    train = parse(["train", "c.yaml"])
+    assert (train.dtype, train.seed, train.out, train.device, train.threads) == (
+        None, None, None, None, None)  # not given: the config's values
+    ev = parse(["eval", "g", "--ref", "r"])
+    assert (ev.seed, ev.out, ev.json, ev.extractor) == (2020, None, False, None)
+    cache = parse(["cache", "--data", "d", "--dtok", "a", "--ctok", "b", "--out", "o"])
+    assert (cache.dtok_checkpoint, cache.ctok_checkpoint, cache.dtype) == (
+        "pretrained", "pretrained", "auto")
+    assert parse(["plugins", "--json"]).json is True
+    assert run("run", "--dtype", "int8").returncode == 2  # argparse: invalid choice
+    assert run("sample", "--num", "4").returncode == 2  # sample: --out required
+
+
+def test_dtype_and_threads_reach_the_config_of_train_and_study():
+    from discon_core.cli import build_parser, config_overrides
+    parse = build_parser().parse_args
+    assert config_overrides(parse(["train", "c.yaml", "--dtype", "bf16", "--seed", "5"])) == [
+        'seed=5', 'precision="bf16"']
+    assert config_overrides(parse(["train", "c.yaml"])) == []
+    assert config_overrides(parse(["study", "c.yaml", "--dtype", "fp32"]),
+                            ["discon.train.precision"]) == ['discon.train.precision="fp32"']
+
+
+def test_threads_sets_torch_threads(capsys):
+    import torch
+    before = torch.get_num_threads()
+    try:
+        assert main(["plugins", "--kind", "head", "--threads", "1"]) == 0
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_flags_a_command_ignores_are_refused(capsys):
+    assert main(["plugins", "--seed", "3"]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "discon: error: discon plugins: --seed has no effect on this command")
+    assert main(["show", "prior", "rar-b", "--device", "cpu"]) == 1
+    assert "--device has no effect" in capsys.readouterr().err
+    assert main(["plugins", "-v", "-q"]) == 1
+    assert "exclude each other" in capsys.readouterr().err
+
+
+def test_docs_flag_table_lists_every_command_and_common_flag():
+    from pathlib import Path
+    text = (Path(__file__).resolve().parents[2] / "docs" / "cli.md").read_text()
+    header = next(line for line in text.splitlines() if line.startswith("| command"))
+    for flag in COMMON:
+        assert f"`{flag}" in header, flag
+    rows = {line.split("|")[1].strip(" `") for line in text.splitlines()
+            if line.startswith("| `")}
+    assert set(_commands()) <= rows, set(_commands()) - rows

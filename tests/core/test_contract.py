@@ -180,8 +180,8 @@ def _train(tmp_path: Path, cache: Path, backbone: str, head: str) -> Path:
 def test_protocol_only_components_train_reload_and_sample(tmp_path, cache, backbone, head,
                                                           one_thread):
     ckpt = _train(tmp_path, cache, backbone, head)
-    bb = build("backbone", backbone, checkpoint=ckpt)   # head keys are read under diffloss.
-    hd = build("head", head, checkpoint=ckpt)
+    bb = build("backbone", backbone, checkpoint=ckpt, dtype="fp32")   # head keys are read under diffloss.
+    hd = build("head", head, checkpoint=ckpt, dtype="fp32")
     assert isinstance(bb, ConditionalBackbone) and isinstance(hd, ContinuousHead)
     trained = torch.load(ckpt, weights_only=True)["model_ema"]   # what build() loads
     first = next(k for k in trained if k.startswith("diffloss."))

@@ -160,3 +160,54 @@ def test_plugins_extend_recipes_datasets_presets_and_commands(tmp_path, capsys):
         registry.set_user_registry(None)
     with pytest.raises(DisconError, match="unknown data.type"):
         build_dataset({"type": "tiny-set"})
+
+
+def _misspelled_plugin():
+    plugin = types.ModuleType("typo_plugin")
+
+    @hookimpl
+    def discon_register_component(register):  # 'components' misspelled: pluggy never calls it
+        register("head", "never", object)
+
+    plugin.discon_register_component = discon_register_component
+    return plugin
+
+
+def test_misspelled_hook_is_one_line_naming_plugin_and_hook():
+    hooks.reset()
+    try:
+        with pytest.raises(DisconError) as e:
+            hooks.register_plugin(_misspelled_plugin(), name="typo-plugin")
+        msg = str(e.value)
+        assert "\n" not in msg and msg.startswith("plugin 'typo-plugin' implements unknown hook "
+                                                  "'discon_register_component'")
+        assert "did you mean: discon_register_components" in msg
+        assert hooks.plugin_manager().get_plugin("typo-plugin") is None  # nothing changed
+        assert ("head", "never") not in hooks.factories()
+    finally:
+        hooks.reset()
+
+
+def test_misspelled_hook_in_an_entry_point_plugin_stops_the_cli(tmp_path, monkeypatch, capsys):
+    from discon_core.cli import main
+    site = tmp_path / "site"
+    info = site / "typo_plugin-0.1.dist-info"
+    info.mkdir(parents=True)
+    (info / "METADATA").write_text("Metadata-Version: 2.1\nName: typo-plugin\nVersion: 0.1\n")
+    (info / "entry_points.txt").write_text("[discon]\ntypo = typo_plugin\n")
+    (site / "typo_plugin.py").write_text(
+        "from discon_core.hooks import hookimpl\n\n\n@hookimpl\n"
+        "def discon_register_command(subparsers):\n    pass\n")
+    monkeypatch.syspath_prepend(str(site))
+    monkeypatch.delenv("DISCON_DISABLE_PLUGINS")
+    hooks.reset()
+    try:
+        assert main(["plugins"]) == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(
+            "discon: error: plugin 'typo' implements unknown hook 'discon_register_command' "
+            "(did you mean: discon_register_commands"), err
+        assert err[0].endswith("hooks are: " + ", ".join(sorted(
+            n for n in vars(hooks._Specs) if n.startswith("discon_"))))
+    finally:
+        hooks.reset()

@@ -166,3 +166,37 @@ def test_every_registry_entry_builds_on_meta():
         for row in rows:
             module = discon_core.build(kind, row["name"], device="meta")
             assert isinstance(module, torch.nn.Module), f"{kind}/{row['name']}"
+
+
+def test_duplicate_keys_refused_in_user_and_plugin_registries(toy_plugin, tmp_path):
+    registry.set_user_registry(write(tmp_path, "head:\n  x: {factory: toy}\n  x: {factory: toy}\n"))
+    with pytest.raises(DisconError, match=r"user.yaml is not valid YAML: duplicate key 'x' \(line 3"):
+        discon_core.resolve("head", "toy")
+    registry.set_user_registry(None)
+    presets = write(tmp_path, "head:\n  y:\n    factory: toy\n    params: {width: 3, width: 4}\n",
+                    "presets.yaml")
+    plugin = types.SimpleNamespace(discon_register_presets=hookimpl(
+        lambda register: register(str(presets))))
+    hooks.register_plugin(plugin, name="dup-presets")
+    with pytest.raises(DisconError, match=r"presets.yaml is not valid YAML: duplicate key 'width'"):
+        discon_core.resolve("head", "y")
+
+
+def test_sampling_block_is_typed_by_the_sampler_signature(tmp_path):
+    from discon_core.pipeline import Pipeline, _sampling
+    registry.set_user_registry(write(tmp_path, """
+prior:
+  spelled: {extends: rar-tiny, sampling: {cfg_scale: "2.5", guidance_scale_pow: 1}}
+  typo: {extends: rar-tiny, sampling: {cfg_scael: 2.0}}
+"""))
+    try:
+        prior = discon_core.build("prior", "spelled", device="meta")
+        assert _sampling(prior) == {"cfg_scale": 2.5, "guidance_scale_pow": 1.0,
+                                    "temperature": 1.0}  # YAML's string number as a float
+        with pytest.raises(DisconError) as e:  # before any weights load (meta copies)
+            Pipeline.from_names(prior="typo", dtok="maskgit-vq-tiny",
+                                checkpoints={"prior": None, "dtok": None})
+        assert str(e.value).startswith(f"registry {tmp_path / 'user.yaml'}, entry prior/typo: "
+                                       "unknown sampling key 'cfg_scael' (did you mean: cfg_scale")
+    finally:
+        registry.set_user_registry(None)

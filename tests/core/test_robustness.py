@@ -422,7 +422,7 @@ def test_run_prior_values(capsys, tmp_path, args, needle):
 
 @pytest.mark.parametrize("args, needle", [
     (["--limit", "-3"], "data.limit must be a positive integer"),
-    (["--split", "val"], "data.split must be one of train, test"),
+    (["--split", "validation"], "data.split must be one of train, val, test"),
     (["--shard-size", "0"], "shard_size and batch_size must be positive"),
     (["--batch-size", "-1"], "shard_size and batch_size must be positive"),
     (["--data", "nope"], "unknown data.type 'nope'"),
@@ -458,9 +458,9 @@ def test_run_labels_out_of_range(capsys, tmp_path, labels):
     ({"device": "gpu"}, "device 'gpu': expected"),
     ({"device": 3.5}, "device"),
     ({"checkpoint": 123}, "checkpoint must be a path, 'pretrained' or None"),
-    ({"dtype": torch.int64}, "dtype must be a floating torch.dtype"),
-    ({"dtype": torch.bool}, "dtype must be a floating torch.dtype"),
-    ({"dtype": "int8"}, "dtype must be a floating torch.dtype"),
+    ({"dtype": torch.int64}, "dtype must be auto, a floating torch.dtype"),
+    ({"dtype": torch.bool}, "dtype must be auto, a floating torch.dtype"),
+    ({"dtype": "int8"}, "dtype must be auto, a floating torch.dtype"),
     ({"widht": 3}, "unknown override 'widht'"),
 ])
 def test_build_arguments(kwargs, needle):
@@ -534,3 +534,115 @@ def test_cache_accepts_checkpoint_none(capsys, tmp_path):
     assert main([*CACHE, "--out", str(out)]) == 0, capsys.readouterr().err
     assert (out / "manifest.json").is_file() and (out / "shard-00000.safetensors").is_file()
     shutil.rmtree(out)
+
+
+# -- issue 23: seeds, sampling blocks, duplicate keys, non-regular output targets ---------------
+
+@pytest.mark.parametrize("command", ["run", "sample", "train"])
+def test_seed_out_of_range_is_one_line(capsys, tmp_path, command):
+    out = tmp_path / "out"
+    argv = {"run": [*DISCRETE, "--out", out], "sample": [*DISCRETE, "--out", out],
+            "train": ["train", toy_yaml(tmp_path, out)]}[command]
+    argv = [command if a == "run" else a for a in argv]
+    fails(capsys, [*argv, "--seed", "99999999999999999999999"], "--seed", "[0, 4294967295]")
+    assert not out.exists()
+
+
+def test_config_seed_out_of_range_names_the_file(capsys, tmp_path):
+    out = tmp_path / "out"
+    path = toy_yaml(tmp_path, out, seed=2**40)
+    fails(capsys, ["train", path], str(path), "seed must be an integer in [0, 4294967295]")
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("entry, needles", [
+    # the registry docstring's old example: RAR's sample() has no guidance_scale
+    ("prior: {bad: {extends: rar-tiny, sampling: {guidance_scale: 16.0}}}",
+     ["entry prior/bad", "unknown sampling key 'guidance_scale'", "cfg_scale"]),
+    ("prior: {bad: {extends: rar-tiny, sampling: {temperature: warm}}}",
+     ["entry prior/bad", "sampling.temperature must be a number, got 'warm'"]),
+    ("backbone: {bad: {extends: discon-tiny, sampling: {ar_steps: many}}}\n"
+     "head: {bad: {extends: discon-tiny}}",
+     ["entry backbone/bad", "sampling.ar_steps must be an integer, got 'many'"]),
+    ("backbone: {bad: {extends: discon-tiny, sampling: {head_steps: 3}}}\n"
+     "head: {bad: {extends: discon-tiny}}",
+     ["entry backbone/bad", "unknown sampling key 'head_steps'"]),
+])
+def test_sampling_block_checked_against_the_sampler(capsys, tmp_path, entry, needles):
+    reg = tmp_path / "reg.yaml"
+    reg.write_text(entry + "\n")
+    out = tmp_path / "out"
+    names = (["--prior", "bad", "--dtok", "maskgit-vq-tiny"] if entry.startswith("prior") else
+             ["--prior", "rar-tiny", "--dtok", "maskgit-vq-tiny", "--backbone", "bad",
+              "--ctok", "va-vae-tiny", "--backbone-checkpoint", "none", "--ctok-checkpoint",
+              "none"])
+    argv = ["--registry", reg, "run", *names, "--prior-checkpoint", "none", "--dtok-checkpoint",
+            "none", "--num", "2", "--no-progress", "--out", out]
+    fails(capsys, argv, f"registry {reg}", *needles)
+    assert not out.exists()
+
+
+def test_duplicate_keys_refused_in_registries_and_configs(capsys, tmp_path):
+    reg = tmp_path / "reg.yaml"
+    reg.write_text("prior:\n  mine: {extends: rar-tiny}\n  mine: {extends: rar-b}\n")
+    fails(capsys, ["--registry", reg, "show", "prior", "mine"], str(reg),
+          "duplicate key 'mine' (line 3)")
+    out = tmp_path / "out"
+    path = toy_yaml(tmp_path, out)
+    path.write_text(path.read_text() + "steps: 8\n")  # TOY has steps: 4 already
+    fails(capsys, ["train", path], str(path), "duplicate key 'steps'")
+    fails(capsys, ["train", toy_yaml(tmp_path, out), "--set", "recipe_options={a: 1, a: 2}"],
+          "--set", "duplicate key 'a'")
+    assert not out.exists()
+
+
+def _eval_inputs(tmp_path) -> list[str]:
+    import numpy as np
+    np.savez(tmp_path / "g.npz", arr_0=np.zeros((20, 28, 28, 3), np.uint8))
+    return ["eval", str(tmp_path / "g.npz"), "--ref", str(tmp_path / "g.npz"),
+            "--extractor", "fmnist", "--metrics", "fid", "--no-progress"]
+
+
+def test_eval_refuses_a_device_node_as_out(capsys, tmp_path):
+    before = os.stat("/dev/full")
+    fails(capsys, [*_eval_inputs(tmp_path), "--out", "/dev/full"], "/dev/full",
+          "not a regular file")
+    after = os.stat("/dev/full")
+    assert __import__("stat").S_ISCHR(after.st_mode) and after.st_rdev == before.st_rdev
+
+
+@pytest.mark.parametrize("kind", ["folder", "fifo", "dangling"])
+def test_save_atomic_never_replaces_what_is_not_a_regular_file(tmp_path, kind):
+    from discon_core.checkpoints import save_atomic
+    target = tmp_path / "x.json"
+    if kind == "folder":
+        target.mkdir()
+    elif kind == "fifo":
+        os.mkfifo(target)
+    else:
+        target.symlink_to(tmp_path / "missing" / "y.json")
+    with pytest.raises(DisconError, match="not a regular file") as e:
+        save_atomic({"a": 1}, target)
+    assert "\n" not in str(e.value)
+    assert os.path.lexists(target) and not target.is_file()
+    assert [p.name for p in tmp_path.iterdir()] == ["x.json"]  # no temp file left either
+
+
+def test_save_atomic_through_a_symlink_writes_its_file(tmp_path):
+    from discon_core.checkpoints import save_atomic
+    real = tmp_path / "real.json"
+    real.write_text("{}")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    save_atomic({"a": 1}, link)
+    assert link.is_symlink() and json.loads(real.read_text()) == {"a": 1}
+
+
+def test_eval_json_on_stdout_and_results_file(capsys, tmp_path):
+    out = tmp_path / "r.json"
+    assert main([*_eval_inputs(tmp_path), "--json", "--out", str(out), "--seed", "7",
+                 "--dtype", "fp32"]) == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed == json.loads(out.read_text())
+    assert printed["seed"] == 7 and printed["hardware"]["dtype"] == "fp32"
+    assert printed["hardware"]["device"] == "cpu" and abs(printed["fid"]) < 1e-3

@@ -87,22 +87,41 @@ def test_matmul_backend_per_row_additive_mask():
                                atol=1e-5, rtol=1e-5)
 
 
-def test_linear_bf16_fast_path_matches_f_linear_and_follows_weight_changes():
+@pytest.mark.parametrize("dtype, rows, native, path", [
+    (torch.bfloat16, 7, True, "onednn"),      # native bf16: oneDNN's packed weight
+    (torch.bfloat16, 7, False, "upcast"),     # AVX2-only: the product in fp32
+    (torch.bfloat16, 90, False, "upcast"),    # ... past MKL_MAX_ROWS: F.linear in fp32
+    (torch.float32, 7, None, "mkl"),          # few fp32 rows: MKL's packed weight
+    (torch.float32, 90, None, None),          # many fp32 rows: F.linear
+])
+def test_linear_fast_paths_match_f_linear_and_follow_weight_changes(monkeypatch, dtype, rows,
+                                                                      native, path):
+    if path == "onednn" and not A._probe("onednn"):
+        pytest.skip("this CPU has no native bf16 oneDNN products")
+    if native is False:  # the AVX2-only CPU's decision, on any CPU
+        monkeypatch.setitem(A._packing, "onednn", False)
+    if path in ("mkl", "upcast") and not A._probe("mkl"):
+        pytest.skip("this torch has no MKL")
     torch.manual_seed(0)
-    layer = A.Linear(64, 32).bfloat16()
-    x = torch.randn(2, 7, 64).bfloat16()
+    layer = A.Linear(64, 32).to(dtype)
+    x = torch.randn(2, rows, 64).to(dtype)
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == torch.float32 else dict(atol=2e-2, rtol=1e-2)
+
+    def reference(inp):  # the product in fp32, rounded to the input's dtype once
+        return F.linear(inp.float(), layer.weight.float(), layer.bias.float()).to(dtype)
+
     with torch.no_grad():
-        plain = F.linear(x, layer.weight, layer.bias)
-        torch.testing.assert_close(layer(x), plain)
-        assert (layer in A._packed_weights) == A._onednn_packing_works()  # the path under test
-        for name, act in (("gelu", F.gelu), ("silu", F.silu)):  # fused: on the fp32 accumulator
-            torch.testing.assert_close(layer(x, activation=name).float(), act(plain.float()),
-                                       atol=2e-2, rtol=1e-2)
-        layer.weight.mul_(2)  # in place: the packed copy must follow
-        torch.testing.assert_close(layer(x), F.linear(x, layer.weight, layer.bias))
+        assert layer._path(x) == path  # the path under test
+        torch.testing.assert_close(layer(x), reference(x), **tol)
+        for name, act in (("gelu", F.gelu), ("silu", F.silu)):
+            torch.testing.assert_close(layer(x, activation=name).float(),
+                                       act(reference(x).float()), **tol)
+        layer.weight.mul_(2)  # in place: the prepared copy must follow
+        torch.testing.assert_close(layer(x), reference(x), **tol)
         layer.load_state_dict({"weight": torch.ones(32, 64), "bias": torch.zeros(32)})
-        row_sums = x.float().sum(-1, keepdim=True).expand(2, 7, 32)
+        row_sums = x.float().sum(-1, keepdim=True).expand(2, rows, 32)
         torch.testing.assert_close(layer(x).float(), row_sums, atol=0.5, rtol=1e-2)
     y = layer(x.requires_grad_())  # autograd: the plain path, gradients flow
+    assert layer._path(x) is None
     y.sum().backward()
     assert x.grad is not None and layer.weight.grad is not None

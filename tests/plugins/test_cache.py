@@ -35,7 +35,7 @@ def built(tmp_path_factory, tokenizers):
     out = tmp_path_factory.mktemp("cache")
     build_cache(data, out, dtok_checkpoint=str(tokenizers["dtok"]),
                 ctok_checkpoint=str(tokenizers["ctok"]), shard_size=10, batch_size=7,
-                device="cpu", progress=False, **TOKS)
+                device="cpu", dtype="fp32", progress=False, **TOKS)
     return data, out
 
 
@@ -49,8 +49,8 @@ def test_manifest_and_shard_contents(built, tokenizers):
     assert manifest["ctok"]["params"]["embed_dim"] == 8
 
     ds = CachedDataset(out)
-    dtok = build("dtok", TOKS["dtok"], checkpoint=tokenizers["dtok"])
-    ctok = build("ctok", TOKS["ctok"], checkpoint=tokenizers["ctok"])
+    dtok = build("dtok", TOKS["dtok"], checkpoint=tokenizers["dtok"], dtype="fp32")
+    ctok = build("ctok", TOKS["ctok"], checkpoint=tokenizers["ctok"], dtype="fp32")
     images = FashionMNIST(data["root"])
     for index in (0, 13, 23):
         img = images.get(index)[0][None]
@@ -76,7 +76,7 @@ def test_resume_rebuilds_only_missing_shards(built, tokenizers, tmp_path):
     before = (tmp_path / "shard-00000.safetensors").stat().st_mtime_ns
     build_cache(data, tmp_path, dtok_checkpoint=str(tokenizers["dtok"]),
                 ctok_checkpoint=str(tokenizers["ctok"]), shard_size=10, batch_size=7,
-                device="cpu", progress=False, **TOKS)
+                device="cpu", dtype="fp32", progress=False, **TOKS)
     assert (tmp_path / "shard-00000.safetensors").stat().st_mtime_ns == before
     assert (tmp_path / "shard-00001.safetensors").read_bytes() == original
     assert len(CachedDataset(tmp_path)) == 24
@@ -101,7 +101,7 @@ def test_other_presets_are_refused_naming_both(built, tokenizers):
     with pytest.raises(DisconError, match="built with ctok 'va-vae-tiny'.*not 'ldm-kl-tiny'"):
         build_cache(data, out, dtok=TOKS["dtok"], ctok="ldm-kl-tiny",
                     dtok_checkpoint=str(tokenizers["dtok"]), shard_size=10, device="cpu",
-                    progress=False)
+                    dtype="fp32", progress=False)
     with pytest.raises(DisconError, match="holds ctok 'va-vae-tiny'.*expects ctok 'ldm-kl-tiny'"):
         CachedDataset(out).check_presets(dtok="maskgit-vq-tiny", ctok="ldm-kl-tiny")
 
@@ -132,7 +132,7 @@ def test_torchrun_two_ranks_write_the_same_cache(built, tokenizers, tmp_path):
          "--dtok", TOKS["dtok"], "--dtok-checkpoint", str(tokenizers["dtok"]),
          "--ctok", TOKS["ctok"], "--ctok-checkpoint", str(tokenizers["ctok"]),
          "--out", str(tmp_path / "par"), "--shard-size", "10", "--batch-size", "7",
-         "--device", "cpu", "--no-progress"],
+         "--device", "cpu", "--dtype", "fp32", "--no-progress"],
         cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     one, two = CachedDataset(out), CachedDataset(tmp_path / "par")

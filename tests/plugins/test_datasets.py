@@ -15,6 +15,8 @@ from discon_plugins.datasets import (FASHION_MNIST_DIR, FashionMNIST, ImageFolde
 from discon_core.data import collate_images
 from discon_core.errors import DisconError
 
+VAL_SHA = "926f8b77848b70e9"  # sha256 of the 5,000 val indices (54,527 ... 59,999)
+
 
 def write_idx(path: Path, array: np.ndarray, gz: bool = True) -> Path:
     """An IDX file (ubyte) as the Fashion-MNIST distribution ships them."""
@@ -73,15 +75,41 @@ def test_fashion_mnist_bad_input(tmp_path):
     with pytest.raises(DisconError, match="train-images-idx3-ubyte.*dataset-fashion-mnist"):
         FashionMNIST(tmp_path / "empty")
     root = fake_fashion_mnist(tmp_path / "fm", n=4)
-    with pytest.raises(DisconError, match="data.split"):
-        FashionMNIST(root, split="val")
+    with pytest.raises(DisconError, match="data.split must be one of train, val, test"):
+        FashionMNIST(root, split="validation")
+    with pytest.raises(DisconError, match="split 'val' .* is empty"):
+        FashionMNIST(root, split="val")   # 4 images: no class has the 12 a val image needs
+
+
+def test_val_split_is_the_last_twelfth_of_each_class_and_train_the_rest(tmp_path):
+    root = fake_fashion_mnist(tmp_path / "fm", n=480)
+    labels = read_idx(root / "train-labels-idx1-ubyte.gz")
+    torch.manual_seed(1)
+    train, val = FashionMNIST(root, split="train"), FashionMNIST(root, split="val")
+    torch.manual_seed(2)
+    assert np.array_equal(FashionMNIST(root, split="val").index, val.index)  # no RNG involved
+    expected = sorted(i for c in range(10) for i in np.flatnonzero(labels == c)[-((labels == c).sum() // 12):])
+    assert val.index.tolist() == expected and len(val) == sum((labels == c).sum() // 12 for c in range(10))
+    assert not set(train.index) & set(val.index) and len(train) + len(val) == 480
+    i = 5
+    raw = torch.from_numpy(read_idx(root / "train-images-idx3-ubyte.gz")[val.index[i]]).float() / 255
+    assert torch.equal(val.get(i)[0][0, 2:30, 2:30], raw) and val.get(i)[1] == labels[val.index[i]]
+    assert val.name(i) == f"val/{val.index[i]:05d}"
+    assert len(FashionMNIST(root, split="val", limit=3)) == 3
+    assert train.fingerprint != val.fingerprint != FashionMNIST(root, split="test").fingerprint
+    assert FashionMNIST(root, split="val").fingerprint == val.fingerprint
 
 
 @pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="dataset-fashion-mnist not installed")
 def test_debian_fashion_mnist():
-    ds = FashionMNIST()
-    assert len(ds) == 60000 and len(FashionMNIST(split="test")) == 10000
+    import hashlib
+    ds, val = FashionMNIST(), FashionMNIST(split="val")
+    assert len(ds) == 55000 and len(val) == 5000 and len(FashionMNIST(split="test")) == 10000
     assert sorted(set(ds.labels.tolist())) == list(range(10))
+    assert np.bincount(val.labels.numpy()).tolist() == [500] * 10
+    assert not set(ds.index) & set(val.index)
+    # the validation split is pinned: these indices, whatever the library versions
+    assert hashlib.sha256(val.index.astype(np.int64).tobytes()).hexdigest()[:16] == VAL_SHA
 
 
 def _png(path: Path, size: tuple[int, int], color) -> None:

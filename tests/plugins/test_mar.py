@@ -14,7 +14,7 @@ ATOL = RTOL = 1e-4
 @pytest.fixture(scope="module")
 def mar_tiny(shared):
     config, io, folder = load_fixture(shared, "mar_tiny")
-    backbone = build("backbone", "mar", checkpoint=folder / "ckpt.pth", **config["kwargs"])
+    backbone = build("backbone", "mar", checkpoint=folder / "ckpt.pth", dtype="fp32", **config["kwargs"])
     return backbone, config, io["inputs"], io["outputs"], folder
 
 
@@ -54,16 +54,16 @@ def test_ema_weights_are_used_and_model_weights_load(mar_tiny, tmp_path):
     assert not torch.allclose(z, o["z_partial_with_model_weights"], atol=1e-3)
     state = torch.load(folder / "ckpt.pth", weights_only=True)["model"]
     path = save_atomic({"model": state}, tmp_path / "model_only.pth")
-    plain = build("backbone", "mar", checkpoint=path, **config["kwargs"])
+    plain = build("backbone", "mar", checkpoint=path, dtype="fp32", **config["kwargs"])
     close(plain(o["tokens"], i["mask_partial"].bool(), i["labels"]), o["z_partial_with_model_weights"])
 
 
 def test_sdpa_and_math_attention_agree(mar_tiny):
     bb, config, i, o, folder = mar_tiny
-    math_bb = build("backbone", "mar", checkpoint=folder / "ckpt.pth", attn_backend="math",
+    math_bb = build("backbone", "mar", checkpoint=folder / "ckpt.pth", dtype="fp32", attn_backend="math",
                     **config["kwargs"])
     z_math = math_bb(o["tokens"], i["mask_partial"].bool(), i["labels"])
-    sdpa_bb = build("backbone", "mar", checkpoint=folder / "ckpt.pth", attn_backend="sdpa",
+    sdpa_bb = build("backbone", "mar", checkpoint=folder / "ckpt.pth", dtype="fp32", attn_backend="sdpa",
                     **config["kwargs"])
     close(sdpa_bb(o["tokens"], i["mask_partial"].bool(), i["labels"]), z_math, atol=1e-5, rtol=1e-5)
     close(z_math, o["z_partial"])

@@ -17,7 +17,7 @@ def fixture_tokenizer(shared):
     config, io, folder = load_fixture(shared, "maskgit_vqgan_tiny")
     e, q = config["encoder_decoder_config"], config["quantizer"]
     assert e["num_resolutions"] == len(e["channel_mult"])
-    tok = build("dtok", "maskgit-vq", checkpoint=folder / "ckpt.bin",
+    tok = build("dtok", "maskgit-vq", checkpoint=folder / "ckpt.bin", dtype="fp32",
                 channel_mult=e["channel_mult"], hidden_channels=e["hidden_channels"],
                 num_res_blocks=e["num_res_blocks"], z_channels=e["z_channels"],
                 num_channels=e["num_channels"], dropout=e["dropout"],
@@ -74,7 +74,7 @@ def test_strict_loading_reports_missing_keys(shared, tmp_path):
     torch.save({"model": state}, tmp_path / "partial.pth")
     e = config["encoder_decoder_config"]
     with pytest.raises(DisconError, match=r"missing keys \(1\): decoder.conv_out.bias"):
-        build("dtok", "maskgit-vq", checkpoint=tmp_path / "partial.pth",
+        build("dtok", "maskgit-vq", checkpoint=tmp_path / "partial.pth", dtype="fp32",
               channel_mult=e["channel_mult"], hidden_channels=32, num_res_blocks=1,
               z_channels=8, codebook_size=32)
 

@@ -30,7 +30,7 @@ def overrides_from_config(config: dict) -> dict:
 @pytest.fixture(scope="module")
 def tiny(shared):
     config, io, folder = load_fixture(shared, "rar_tiny")
-    model = discon_core.build("prior", "rar", checkpoint=folder / "ckpt.bin",
+    model = discon_core.build("prior", "rar", checkpoint=folder / "ckpt.bin", dtype="fp32",
                               **overrides_from_config(config))
     return model, io
 
@@ -228,9 +228,9 @@ def test_loading_reports_missing_unexpected_and_misshaped_keys(shared, tmp_path)
     path = tmp_path / "broken.bin"
     torch.save(broken, path)
     with pytest.raises(DisconError, match=r"missing keys.*lm_head\.bias"):
-        discon_core.build("prior", "rar", checkpoint=path, **overrides_from_config(config))
+        discon_core.build("prior", "rar", checkpoint=path, dtype="fp32", **overrides_from_config(config))
     with pytest.raises(DisconError, match=r"mis-shaped keys.*pos_embed"):
-        discon_core.build("prior", "rar", checkpoint=folder / "ckpt.bin",
+        discon_core.build("prior", "rar", checkpoint=folder / "ckpt.bin", dtype="fp32",
                           **{**overrides_from_config(config), "image_seq_len": 25})
 
 
@@ -239,7 +239,7 @@ def test_discon_saved_state_dict_round_trips(tiny, tmp_path):
     path = tmp_path / "rar.bin"
     torch.save(model.state_dict(), path)
     config_model = model.discon_preset.params
-    again = discon_core.build("prior", "rar", checkpoint=path, **config_model)
+    again = discon_core.build("prior", "rar", checkpoint=path, dtype="fp32", **config_model)
     inputs = io["inputs"]
     with torch.no_grad():
         assert torch.equal(again.forward_fn(inputs["input_ids"], inputs["condition_tokens"]),

@@ -15,7 +15,7 @@ from tests.conftest import load_fixture
 def test_forward_loss_parity(shared):
     config, io, folder = load_fixture(shared, "mar_tiny")
     i, o = io["inputs"], io["outputs"]
-    head = build("head", "diffusion", checkpoint=folder / "ckpt.pth", **config["kwargs"])
+    head = build("head", "diffusion", checkpoint=folder / "ckpt.pth", dtype="fp32", **config["kwargs"])
     loss = masked_token_loss(head, i["loss_z"], o["tokens"], i["mask_partial"].bool(),
                              diffusion_batch_mul=4, generator=torch.Generator().manual_seed(15))
     torch.testing.assert_close(loss, o["forward_loss"], atol=1e-4, rtol=1e-4)
