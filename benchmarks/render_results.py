@@ -12,6 +12,8 @@ import json
 import statistics
 from pathlib import Path
 
+from discon_core.errors import DisconError
+
 BEGIN, END = "<!-- reproduce:begin -->", "<!-- reproduce:end -->"
 RESULTS_MD = Path(__file__).with_name("RESULTS.md")
 
@@ -49,7 +51,10 @@ def plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, title: s
          logx: bool = False, hlines: dict[str, float] | None = None) -> Path | None:
     if not any(xs for xs, _ in series.values()):
         return None
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise DisconError("the plots need matplotlib: pip install -e '.[bench]'") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(5.6, 3.6))

@@ -1,5 +1,6 @@
 """Checkpoint I/O in one place: safe loading, official-format unwrapping, strict key
-reports, atomic saving, and downloads with sha256 verification.
+reports, atomic saving, and downloads (the Hugging Face Hub client or a URL) with sha256
+verification, trust on first use, and provenance records.
 
 Nothing here unpickles arbitrary objects: ``.pt/.pth/.bin/.ckpt`` files go through
 ``torch.load(weights_only=True)`` with a narrow allow-list of harmless non-tensor objects that
@@ -21,6 +22,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import tempfile
 import urllib.error
 import urllib.request
@@ -33,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from .config import one_line, read_json
 from .errors import DisconError
 
 HOME_ENV = "DISCON_HOME"
@@ -248,8 +251,19 @@ def sha256_of(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+def verify_sha256(path: str | os.PathLike, expected: str | None, what: str,
+                  fix: str = "delete it and run again to download it afresh",
+                  got: str | None = None) -> str:
+    """The sha256 of ``path`` (``got`` where already known), refused unless it is ``expected``
+    (None: any) in one line naming ``what`` (the file), both digests and ``fix``."""
+    got = got or sha256_of(path)
+    if expected is not None and got != expected.lower():
+        raise DisconError(f"{what} is corrupted: sha256 {got}, expected {expected}; {fix}")
+    return got
+
+
 def download(url: str, dest: str | os.PathLike, sha256: str | None = None,
-             progress: bool = True) -> Path:
+             progress: bool = True, what: str = "download") -> Path:
     """Fetch ``url`` (http(s) or file://) to ``dest``: temp file, sha256 check, atomic rename.
 
     On a checksum mismatch the download is deleted and the error gives expected vs got.
@@ -257,22 +271,18 @@ def download(url: str, dest: str | os.PathLike, sha256: str | None = None,
     from tqdm.auto import tqdm
 
     dest = Path(dest)
-    h = hashlib.sha256()
-    with atomic_path(dest) as tmp, open(tmp, "wb") as out:
-        try:
-            response = urllib.request.urlopen(url, timeout=60)
-        except (urllib.error.URLError, OSError, ValueError) as e:
-            raise DisconError(f"cannot download {url}: {getattr(e, 'reason', e)}") from None
-        with response, tqdm(total=int(response.headers.get("Content-Length") or 0) or None,
-                            unit="B", unit_scale=True, desc=dest.name, disable=not progress) as bar:
+    try:
+        response = urllib.request.urlopen(url, timeout=60)
+    except (urllib.error.URLError, OSError, ValueError) as e:
+        raise DisconError(f"{what}: cannot download {url} to {dest}: "
+                          f"{getattr(e, 'reason', e)}") from None
+    with atomic_path(dest) as tmp:
+        with response, open(tmp, "wb") as out, tqdm(
+                total=int(response.headers.get("Content-Length") or 0) or None, unit="B",
+                unit_scale=True, desc=dest.name, disable=not progress) as bar:
             while block := response.read(1 << 20):
-                out.write(block)
-                h.update(block)
-                bar.update(len(block))
-        got = h.hexdigest()
-        if sha256 is not None and got != sha256.lower():
-            raise DisconError(f"checksum mismatch for {url}: expected sha256 {sha256}, got {got}; "
-                              "the download was deleted")
+                bar.update(out.write(block))
+        verify_sha256(tmp, sha256, f"{what}: {url}", "the download was deleted")
     return dest
 
 
@@ -292,34 +302,127 @@ def package_file(url: str, sha256: str | None = None, what: str = "file") -> Pat
         raise DisconError(f"{what}: embedded file {path} is missing; reinstall discon "
                           "(pip install -e .)")
     if sha256 is not None:
-        got = sha256_of(path)
-        if got != sha256.lower():
-            raise DisconError(f"{what}: embedded file {path} is corrupted: sha256 {got}, "
-                              f"expected {sha256}; reinstall discon or re-export it")
+        verify_sha256(path, sha256, f"{what}: embedded file {path}",
+                      "reinstall discon or re-export it")
     return path
 
 
-def fetch(file: str, url: str | None = None, sha256: str | None = None,
-          what: str = "file", check_only: bool = False) -> Path | None:
-    """A cached file under ``$DISCON_HOME/checkpoints``: reuse it, or download it, or explain;
-    ``package:`` URLs are files inside an installed package (checked, never copied). With
-    ``check_only`` nothing is downloaded: it checks that the file is here or can be downloaded
-    (None: not here yet)."""
-    if url is not None and url.startswith(PACKAGE_SCHEME):
-        return package_file(url, sha256, what)
-    dest = discon_home() / "checkpoints" / file
-    if dest.is_file():
-        return dest
-    if url is None:
-        raise DisconError(f"{what}: expected file {dest} is missing and no download URL is "
-                          "known; put the file there or pass its path")
-    if check_only:
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "DISCON_OFFLINE")  # read at each fetch (the Hub client: at import)
+HF_URL = re.compile(r"https://huggingface\.co/([^/]+/[^/]+)/resolve/([^/]+)/(.+)")
+HASHES = "hashes.json"  # under $DISCON_HOME/checkpoints: the trust-on-first-use record
+_ORIGINS: dict[Path, dict] = {}  # provenance of each file fetch() handed out in this process
+
+
+def cache_path(file: str, what: str) -> Path:
+    """``$DISCON_HOME/checkpoints/<file>``; a ``file`` that would land outside it is refused."""
+    if Path(file).is_absolute() or ".." in Path(file).parts:
+        raise DisconError(f"{what} must be a relative path inside $DISCON_HOME/checkpoints "
+                          f"(no '..', not absolute), got {file!r}")
+    return discon_home() / "checkpoints" / file
+
+
+def _trusted(path: Path, expected: str | None, what: str, source: str | None,
+             revision: str | None) -> Path:
+    """Trust on first use: a cached file's sha256 is recorded (with its source and revision) in
+    ``$DISCON_HOME/checkpoints/hashes.json`` the first time; every use checks it against
+    ``expected`` (the registry's) or else the record. The check is cached by (size, mtime_ns):
+    an unchanged file costs a stat, not a hash."""
+    home = discon_home()
+    book = home / "checkpoints" / HASHES
+    records = read_json(book, "checksum record") if book.is_file() else {}
+    key, st = os.path.relpath(path, home), path.stat()
+    rec, stamp = records.get(key, {}), [st.st_size, st.st_mtime_ns]
+    if home / "hub" in path.parents:  # hub/models--ORG--NAME/snapshots/COMMIT/...: the commit
+        revision = path.relative_to(home / "hub").parts[2]
+    got = verify_sha256(path, expected or rec.get("sha256"), f"{what}: {path}",
+                        f"delete {path.resolve()} and run again to download it afresh",
+                        got=rec["sha256"] if rec.get("stamp") == stamp else None)
+    new = {"sha256": got, "stamp": stamp, "source": source, "revision": revision}
+    if rec != new:
+        with contextlib.suppress(OSError):  # a read-only shared cache: hashed again next time
+            save_atomic({**records, key: new}, book)
+    _ORIGINS[path] = {"file": str(path), "sha256": got, "revision": revision, "source": source}
+    return path
+
+
+def provenance(path: str | os.PathLike | None) -> dict | None:
+    """What sample.json (and a saved pipeline) records of a component's weights: None (random
+    init), {file, sha256, revision, source} for released weights (a file :func:`fetch` handed out
+    in this process), else {file, sha256} (a local checkpoint)."""
+    if path is None:
         return None
+    return dict(_ORIGINS.get(Path(path)) or {"file": str(path), "sha256": sha256_of(path)})
+
+
+def _hub(repo: str, filename: str, revision: str | None, what: str, local: bool) -> Path | None:
+    """``filename`` of the Hub repo ``repo`` through the Hub client (resumable, ``HF_TOKEN``),
+    cached in ``$DISCON_HOME/hub``; ``local``: from that cache only (None where it is not)."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import LocalEntryNotFoundError
     try:
-        return download(url, dest, sha256)
-    except DisconError as e:
-        raise DisconError(f"{what}: expected file {dest} is missing and the download failed: "
-                          f"{e}") from None
+        return Path(hf_hub_download(repo, filename, revision=revision, local_files_only=local,
+                                    cache_dir=discon_home() / "hub"))
+    except Exception as e:  # the client raises many types (HTTP, auth, validation, cache)
+        if local and isinstance(e, LocalEntryNotFoundError):
+            return None
+        raise DisconError(f"{what}: cannot download {filename} from the Hub repo {repo} "
+                          f"(revision {revision or 'main'}): {one_line(e)}") from None
+
+
+def fetch(file: str, url: str | None = None, sha256: str | None = None,
+          what: str = "file", check_only: bool = False, *, repo: str | None = None,
+          filename: str | None = None, revision: str | None = None) -> Path | None:
+    """A cached file: ``$DISCON_HOME/checkpoints/<file>`` (a file you put there is used as is),
+    else ``filename`` of the Hub ``repo`` at ``revision`` (cached in ``$DISCON_HOME/hub``; a
+    ``https://huggingface.co/.../resolve/...`` ``url`` counts as one), else ``url`` downloaded to
+    ``<file>``; ``package:`` URLs are files inside an installed package (checked, never copied).
+    Every file passes the sha256 check of :func:`_trusted`. With ``check_only`` nothing is
+    downloaded: it checks that the file is here or can be downloaded (None: not here yet)."""
+    if url is not None and url.startswith(PACKAGE_SCHEME):
+        path = package_file(url, sha256, what)
+        _ORIGINS[path] = {"file": str(path), "sha256": sha256 or sha256_of(path),
+                          "revision": None, "source": url}
+        return path
+    dest = cache_path(file, f"{what}: file")
+    if hub := HF_URL.fullmatch(url or ""):
+        repo, revision, filename = hub.groups()
+    source = f"https://huggingface.co/{repo}/resolve/{revision or 'main'}/{filename}" if repo \
+        else url
+
+    def cached() -> Path | None:
+        return dest if dest.is_file() else _hub(repo, filename, revision, what, True) if repo \
+            else None
+
+    def get(download_ok: bool) -> Path | None:
+        if (path := cached()) is None:
+            if url is None and repo is None:
+                raise DisconError(f"{what}: expected file {dest} is missing and no download URL "
+                                  "is known; put the file there or pass its path")
+            if any(os.environ.get(v, "").upper() in ("1", "ON", "YES", "TRUE") for v in OFFLINE_ENV):
+                raise DisconError(f"{what}: {filename or dest.name} is not cached and downloads "
+                                  f"are off ({' or '.join(OFFLINE_ENV)} is set): run once with "
+                                  f"network, or put the file at {dest}")
+            if not download_ok:
+                return None
+            path = (_hub(repo, filename, revision, what, False) if repo
+                    else download(url, dest, sha256, what=what))
+        return _trusted(path, sha256, what, source, revision)
+
+    dist = torch.distributed
+    if check_only or not (dist.is_available() and dist.is_initialized()):
+        return get(not check_only)
+    # Under torchrun, local rank 0 of each node fetches first while the others wait; every rank
+    # passes both barriers whatever its cache holds, so that the calls always pair up.
+    first = os.environ.get("LOCAL_RANK", "0") == "0"
+    if not first:
+        dist.barrier()
+    try:
+        if first:
+            return get(True)
+    finally:  # also when rank 0 failed: the others then try, and say why
+        if first:
+            dist.barrier()
+    return get(True)
 
 
 def fetch_preset_checkpoint(preset, check_only: bool = False) -> Path | None:
@@ -331,7 +434,8 @@ def fetch_preset_checkpoint(preset, check_only: bool = False) -> Path | None:
         raise DisconError(f"{what} has no published checkpoint; train one with `discon train` "
                           f"and pass its path (--{preset.kind}-checkpoint PATH)")
     try:
-        return fetch(src.file, src.url, src.sha256, what=what, check_only=check_only)
+        return fetch(src.file, src.url, src.sha256, what=what, check_only=check_only,
+                     repo=src.repo, filename=src.filename, revision=src.revision)
     except DisconError as e:
         where = f" (get it from {src.url})" if src.url else (f" ({src.note})" if src.note else "")
         raise DisconError(f"{e}{where}") from None

@@ -42,6 +42,7 @@ BUILTIN_PLUGINS = (
     "discon_plugins.cache",
     "discon_plugins.generate",
     "discon_plugins.demo",
+    "discon_plugins.export",
     "discon_plugins.evaluation",
     "discon_plugins.extractors",
     "discon_plugins.maskgit_vq",
@@ -93,6 +94,20 @@ class _Specs:
         parser already has the common flags (``args.device``, ``args.dtype``, ``args.seed``,
         ``args.out``, ...; docs/cli.md); re-declare one to change its default or help, or
         ``p.set_defaults(unused_flags=("out",))`` to refuse one the command has no use for."""
+
+    @hookspec(firstresult=True)
+    def discon_default_pipeline(self) -> dict[str, str] | None:
+        """kind -> preset name of the pipeline used when none is named (``discon run``,
+        ``Pipeline.from_pretrained()``); the built-in: the embedded Fashion-MNIST one. The
+        plugin registered last wins."""
+
+
+def default_pipeline() -> dict[str, str]:
+    names = plugin_manager().hook.discon_default_pipeline()
+    if not names:
+        raise DisconError("no default pipeline (DISCON_DISABLE_PLUGINS or no plugin provides "
+                          "discon_default_pipeline): name the components")
+    return dict(names)
 
 
 @dataclass(frozen=True)

@@ -14,6 +14,12 @@ Conventions that hold for every kind:
 * class labels: int64 ``[B]`` in ``[0, num_classes)``;
 * masks: bool ``[B, N]``, ``True`` = masked (unknown, to be predicted);
 * every stochastic method takes ``generator: torch.Generator | None``.
+
+Optional, for any kind: ``self_contained_state() -> (state_dict, params_overrides)``, the weights
+a pipeline folder stores (``Pipeline.save_pretrained``, ``discon export``) when ``state_dict()``
+alone would not rebuild the module, e.g. a KL tokenizer folding its latent statistics (an
+external file) into its weights; ``params_overrides`` go into the saved preset (here:
+identity statistics). Without it, ``state_dict()`` is stored as is.
 """
 from __future__ import annotations
 

@@ -20,16 +20,20 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 import typing
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+from . import hooks
 from .errors import DisconError
 
 CFG_SCHEDULES = ("linear", "constant")
+STAGES = ("prior", "dtok", "backbone", "head", "ctok")  # a pipeline's components, in data order
 
 
 # -- the continuous stage ------------------------------------------------------------------------
@@ -310,6 +314,8 @@ class Pipeline:
         from .checkpoints import fetch_preset_checkpoint
         from .registry import build, resolve
 
+        if not any((prior, dtok, backbone, head, ctok)):  # the default (a plugin's hook)
+            prior, dtok, backbone, head, ctok = (hooks.default_pipeline().get(k) for k in STAGES)
         if backbone is not None and head is None:
             head = backbone
         names = {"prior": prior, "dtok": dtok, "backbone": backbone, "head": head, "ctok": ctok}
@@ -324,6 +330,39 @@ class Pipeline:
         built = {k: build(k, n, checkpoint=ckpts.get(k, "pretrained"), device=device, dtype=dtype)
                  if n else None for k, n in names.items()}
         return cls(**built)
+
+    @classmethod
+    def from_pretrained(cls, source: str | os.PathLike | None = None, *,
+                        revision: str | None = None, device: str | torch.device | None = None,
+                        dtype: torch.dtype | str | None = None) -> "Pipeline":
+        """The embedded default (``source`` None); a preset name every stage shares (e.g.
+        ``"fmnist"``); a folder written by :meth:`save_pretrained` or ``discon export``; or
+        ``"hf-hub:ORG/NAME[@REVISION]"``, such a folder on the Hugging Face Hub
+        (docs/pretrained.md)."""
+        from . import pretrained
+        from .registry import _names
+
+        if source is None:
+            return cls.from_names(device=device, dtype=dtype)
+        folder = pretrained.resolve_source(str(source), revision)
+        if folder is not None:
+            names, ckpts = pretrained.load(folder)
+            return cls.from_names(**names, checkpoints=ckpts, device=device, dtype=dtype)
+        names = {k: str(source) for k in STAGES if str(source) in _names(k)}
+        if not names:
+            raise DisconError(f"{str(source)!r} is neither a pipeline folder nor a preset name "
+                              "(discon plugins lists them), nor hf-hub:ORG/NAME")
+        return cls.from_names(**names, device=device, dtype=dtype)
+
+    def save_pretrained(self, folder: str | os.PathLike, *, name: str | None = None,
+                        overwrite: bool = False, half: bool = False) -> Path:
+        """Write this pipeline as a folder that :meth:`from_pretrained` loads: safetensors
+        weights, presets.yaml, a model card (docs/pretrained.md); returns the folder."""
+        from . import pretrained
+
+        parts = {k: getattr(self, k) for k in STAGES if getattr(self, k) is not None}
+        return pretrained.save(folder, parts, name=name or Path(folder).name,
+                               overwrite=overwrite, half=half)
 
     @property
     def num_classes(self) -> int:

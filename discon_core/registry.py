@@ -47,10 +47,15 @@ REGISTRY_ENV = "DISCON_REGISTRY"
 
 @dataclass(frozen=True)
 class CheckpointSource:
-    """Where a preset's weights come from: a file name in the cache, a URL, a checksum."""
+    """Where a preset's weights come from: a file name in the cache; a URL, or a Hugging Face Hub
+    ``repo`` + ``filename`` at ``revision`` (a branch, tag or commit hash: the hash pins it); a
+    checksum (None: trust on first use, see checkpoints.fetch)."""
 
     file: str
     url: str | None = None
+    repo: str | None = None
+    filename: str | None = None
+    revision: str | None = None
     sha256: str | None = None
     note: str | None = None
 
@@ -139,10 +144,16 @@ def _validate(data: Any, source: str) -> dict[str, dict[str, dict]]:
                 raise DisconError(f"{where}: missing key 'factory' (or 'extends')")
             if not isinstance(checked.classes, (list, str, type(None))):
                 raise DisconError(f"{where}: classes must be a list of names or a dataset name")
-            sha = checked.checkpoint.sha256 if checked.checkpoint else None
-            if sha is not None and not re.fullmatch(r"[0-9a-f]{64}", sha):
+            ck = checked.checkpoint
+            if ck is None:
+                continue
+            checkpoints.cache_path(ck.file, f"{where}: checkpoint.file")
+            if ck.sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", ck.sha256):
                 raise DisconError(f"{where}: checkpoint.sha256 must be 64 lowercase hex digits, "
-                                  f"got {sha!r}")
+                                  f"got {ck.sha256!r}")
+            if (ck.repo or ck.filename or ck.revision) and not (ck.repo and ck.filename
+                                                                and not ck.url):
+                raise DisconError(f"{where}: checkpoint: give url, or repo + filename (+ revision)")
     return data
 
 
@@ -300,8 +311,8 @@ def build(kind: str, name: str, *, checkpoint: str | os.PathLike | None = None,
         name: a registry name (``discon plugins`` lists them).
         checkpoint: None for random init (training from scratch); a path to an official
             release file, a file written by discon, or a safetensors file; or ``"pretrained"``
-            for the preset's own checkpoint (looked up in ``$DISCON_HOME``, downloaded and
-            sha256-checked when the preset names a URL).
+            for the preset's own checkpoint (looked up in ``$DISCON_HOME``, downloaded from its
+            Hub repo or URL, sha256-checked; see :func:`checkpoints.fetch`).
         device: where to build; ``"meta"`` builds shapes only (no memory, no init).
         dtype: the parameters' dtype once weights are loaded: ``"auto"`` (bf16 where this device
             runs bf16 natively, else fp32; see :mod:`discon_core.precision`), a name such as
@@ -311,7 +322,8 @@ def build(kind: str, name: str, *, checkpoint: str | os.PathLike | None = None,
         **overrides: hyperparameters, by the official names; unknown names are an error.
 
     Returns the module, in eval() mode when weights were loaded; ``module.discon_preset`` is the
-    resolved :class:`Preset` with the parameters actually used.
+    resolved :class:`Preset` with the parameters actually used, ``module.discon_checkpoint`` the
+    path its weights came from (None: random init).
     """
     preset = resolve(kind, name)
     facs = hooks.factories()
@@ -351,9 +363,9 @@ def build(kind: str, name: str, *, checkpoint: str | os.PathLike | None = None,
         module.checkpoint_prefix = HEAD_PREFIX
     if kind == "backbone" and not hasattr(module, "checkpoint_drop"):
         module.checkpoint_drop = (HEAD_PREFIX,)
-    if checkpoint is not None:
-        path = (checkpoints.fetch_preset_checkpoint(preset) if str(checkpoint) == "pretrained"
-                else Path(checkpoint))
+    path = None if checkpoint is None else Path(checkpoint) if str(checkpoint) != "pretrained" \
+        else checkpoints.fetch_preset_checkpoint(preset)
+    if path is not None:
         checkpoints.load_into(module, path)
         module.eval()
     if dtype is not None:
@@ -362,4 +374,5 @@ def build(kind: str, name: str, *, checkpoint: str | os.PathLike | None = None,
                                   checkpoint=preset.checkpoint, sampling=preset.sampling,
                                   description=preset.description, source=preset.source,
                                   classes=preset.classes)
+    module.discon_checkpoint = path  # its weights' file, None: random init (checkpoints.provenance)
     return module

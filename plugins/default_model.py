@@ -22,7 +22,6 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from discon_core.hooks import hookimpl
@@ -38,29 +37,9 @@ def discon_register_presets(register):
         register(PRESETS)
 
 
-@torch.no_grad()
-def fold_latent_stats(ctok) -> dict[str, torch.Tensor]:
-    """State dict of a KL tokenizer whose normalization ``(z - mean) / std * multiplier`` is
-    folded into its 1x1 convolutions, so that identity statistics give the same latents.
-
-    Encoder side: moments = (mean, logvar) of z; the normalized posterior has mean
-    ``(mean - m) * k / s`` and logvar ``logvar + 2 log(k / s)``. Decoder side:
-    ``post_quant_conv(latent * s / k + m)`` is one 1x1 convolution with scaled weights and a
-    shifted bias."""
-    state = {k: v.clone() for k, v in ctok.state_dict().items()}
-    c = ctok.latent_channels
-    ctok._resolve_stats()
-    m = ctok.latent_shift.reshape(c).double()
-    gain = (ctok.latent_multiplier / ctok.latent_scale.reshape(c)).double()  # k / s
-    w, b = state["quant_conv.weight"].double(), state["quant_conv.bias"].double()
-    w[:c] *= gain[:, None, None, None]
-    b[:c] = (b[:c] - m) * gain
-    b[c:] += 2 * torch.log(gain)
-    state["quant_conv.weight"], state["quant_conv.bias"] = w.float(), b.float()
-    w, b = state["post_quant_conv.weight"].double(), state["post_quant_conv.bias"].double()
-    state["post_quant_conv.bias"] = (b + w[:, :, 0, 0] @ m).float()
-    state["post_quant_conv.weight"] = (w / gain[None, :, None, None]).float()
-    return state
+@hookimpl
+def discon_default_pipeline():
+    return dict.fromkeys(("prior", "dtok", "backbone", "head", "ctok"), "fmnist")
 
 
 def export(components: dict[str, dict[str, Any]], *, description: str) -> dict[str, str]:
@@ -68,51 +47,38 @@ def export(components: dict[str, dict[str, Any]], *, description: str) -> dict[s
     ``{module, extends, description, params?, sampling?}`` (the backbone also ``head`` and
     ``head_extends``); returns file -> sha256.
 
-    ``module`` is the trained, loaded component (its state dict is stored in fp16; a ``ctok``
-    gets its latent statistics folded in), ``extends`` the preset it was built from."""
+    ``module`` is the trained, loaded component, ``extends`` the preset it was built from. The
+    files are written by the code of ``Pipeline.save_pretrained`` (``discon_core.pretrained.write``:
+    fp16 here, a ``ctok`` with its latent statistics folded in by its ``self_contained_state``),
+    with ``package:`` URLs."""
+    from discon_core.checkpoints import atomic_path
+    from discon_core.pretrained import write
 
-    from discon_core.checkpoints import atomic_path, save_atomic, sha256_of
-
+    modules = {k: spec["module"] for k, spec in components.items()}
+    entries = {k: {"extends": spec["extends"], "description": spec["description"],
+                   "params": spec.get("params", {}), "sampling": spec.get("sampling", {})}
+               for k, spec in components.items()}
+    if "backbone" in components:
+        modules["head"] = components["backbone"]["head"]
+        entries["head"] = {"extends": components["backbone"]["head_extends"],
+                           "params": entries["backbone"]["params"],
+                           "description": "head of the embedded default (in the backbone's file)",
+                           "sampling": {}}
     FOLDER.mkdir(parents=True, exist_ok=True)
-    presets: dict[str, dict] = {}
-    shas = {}
-    for kind, spec in components.items():
-        module = spec["module"]
-        state = fold_latent_stats(module) if kind == "ctok" else module.state_dict()
-        if kind == "backbone":  # the MAR layout: backbone keys plus the head under diffloss.
-            state = {**state, **{f"diffloss.{k}": v
-                                 for k, v in spec["head"].state_dict().items()}}
-        state = {k: v.detach().to(torch.float16 if v.is_floating_point() else v.dtype)
-                 .contiguous().cpu() for k, v in state.items()}
-        bad = [k for k, v in state.items() if v.is_floating_point() and not
-               torch.isfinite(v).all()]
-        if bad:
-            raise ValueError(f"{kind}: values out of fp16 range in {bad[:3]}")
-        file = FOLDER / f"{kind}.safetensors"
-        save_atomic(state, file)
-        file.chmod(0o644)  # package data: readable by every user
-        shas[file.name] = sha256_of(file)
-        checkpoint = {"file": f"fmnist/{file.name}", "url": PACKAGE_URL + file.name,
-                      "sha256": shas[file.name]}
-        entry = {"extends": spec["extends"], "description": spec["description"],
-                 "params": spec.get("params", {}), "checkpoint": checkpoint}
-        if spec.get("sampling"):
-            entry["sampling"] = spec["sampling"]
-        presets.setdefault(kind, {})["fmnist"] = entry
-        if kind == "backbone":  # the head reads the diffloss. keys of the same file
-            presets.setdefault("head", {})["fmnist"] = {
-                "extends": spec["head_extends"], "params": spec.get("params", {}),
-                "description": "head of the embedded default (in the backbone's file)",
-                "checkpoint": checkpoint}
-    if "ctok" in presets:  # statistics folded into the weights
-        presets["ctok"]["fmnist"]["params"] = {**presets["ctok"]["fmnist"]["params"],
-                                               "latents_stats": None, "latent_multiplier": 1.0}
+    written = write(FOLDER, modules, half=True, entries=entries,
+                    locate=lambda path: {"file": f"fmnist/{path.name}",
+                                         "url": PACKAGE_URL + path.name})
+    presets = {k: {"fmnist": written[k]} for k in ("prior", "dtok", "backbone", "head", "ctok")
+               if k in written}
+    for path in FOLDER.glob("*.safetensors"):
+        path.chmod(0o644)  # package data: readable by every user
     header = ("# Written by `python benchmarks/reproduce.py configs/paper_cpu.yaml "
               "--export-default`; do not edit by hand.\n# " + description + "\n")
     with atomic_path(PRESETS) as tmp:
         Path(tmp).write_text(header + yaml.safe_dump(presets, sort_keys=False, width=100))
     PRESETS.chmod(0o644)
-    return shas
+    return {Path(e["fmnist"]["checkpoint"]["file"]).name: e["fmnist"]["checkpoint"]["sha256"]
+            for e in presets.values()}
 
 
 def size_mb() -> float:

@@ -146,12 +146,7 @@ def load_pipeline(model: str | None, *, device, dtype):
     """The embedded default (``model`` None) or the pipeline of an exported folder."""
     from discon_core.pipeline import Pipeline
 
-    if hasattr(Pipeline, "from_pretrained"):
-        return Pipeline.from_pretrained(model, device=device, dtype=dtype)
-    if model is not None:
-        raise DisconError("--model needs Pipeline.from_pretrained, which this discon lacks")
-    from discon_plugins.generate import DEFAULT_PIPELINE
-    return Pipeline.from_names(**DEFAULT_PIPELINE, device=device, dtype=dtype)
+    return Pipeline.from_pretrained(model, device=device, dtype=dtype)
 
 
 def launch(ui, *, host: str, port: int | None, share: bool = False) -> str:

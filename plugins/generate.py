@@ -10,9 +10,11 @@ both use the embedded default (``discon_plugins/default_model.py``).
 
 ``OUT/`` receives one PNG per image (``images/img_000123.png``), ``samples.npz`` in ADM's layout
 (``arr_0`` uint8 [N,H,W,3], ``arr_1`` int64 labels; what MAR's and RAR's evaluations read) and
-``sample.json``, the complete sampling configuration (presets, checkpoints with sha256, steps,
-guidance, temperatures, seed, dtype, device) and ``hardware`` (``precision.hardware_record``:
-what the last run on the folder ran on; a resume on other hardware is allowed).
+``sample.json``, the complete sampling configuration (presets; ``checkpoints``: each component's
+preset and weights, {file, sha256, revision, source} for released weights, {file, sha256} for a
+local file, null for random init; steps, guidance, temperatures, seed, dtype, device) and
+``hardware`` (``precision.hardware_record``: what the last run on the folder ran on; a resume on
+other hardware is allowed).
 
 Labels are class-balanced (image ``i`` has class ``i % num_classes``, so N / num_classes per class
 when N is a multiple). Batch ``k`` covers images ``[k*B, (k+1)*B)`` and draws from its own
@@ -32,7 +34,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from discon_core import cli
+from discon_core import cli, hooks
 from discon_core.checkpoints import save_atomic
 from discon_core.errors import DisconError, close_matches
 from discon_core.hooks import hookimpl
@@ -73,17 +75,11 @@ def _add_pipeline_options(p) -> None:
     p.set_defaults(seed=0)  # --device, --dtype, --seed: the common flags (docs/cli.md)
 
 
-# The embedded default (Fashion-MNIST, weights inside the package; docs/default_model.md):
-# what `discon run` / `discon sample` use when no component is named.
-DEFAULT_PIPELINE = {"prior": "fmnist", "dtok": "fmnist", "backbone": "fmnist", "head": "fmnist",
-                    "ctok": "fmnist"}
-
-
 def _pipeline_names(args) -> tuple[dict, dict]:
     """(kind -> preset name or None, kind -> checkpoint) from the shared options."""
     names = {k: getattr(args, k) for k in KINDS_IN_PIPELINE}
-    if not any(names.values()):
-        names = dict(DEFAULT_PIPELINE)
+    if not any(names.values()):  # the embedded default (docs/default_model.md), by its hook
+        names = hooks.default_pipeline()
     if args.prior and names["backbone"] is None and args.ctok:
         names["backbone"] = "discon-l"
     if args.prior and names["backbone"] is None and names["dtok"] is None:
@@ -264,8 +260,18 @@ def _add_sample(sub) -> None:
     p.set_defaults(func=_cmd_sample)
 
 
+def weights_record(pipe) -> dict[str, dict]:
+    """kind -> {preset, weights}: the preset's name and where the weights came from
+    (``checkpoints.provenance``: {file, sha256, revision, source} for released weights, {file,
+    sha256} for a local checkpoint, None for random init)."""
+    from discon_core.checkpoints import provenance
+    modules = {k: getattr(pipe, k) for k in KINDS_IN_PIPELINE if getattr(pipe, k) is not None}
+    return {k: {"preset": getattr(getattr(m, "discon_preset", None), "name", None),
+                "weights": provenance(getattr(m, "discon_checkpoint", None))}
+            for k, m in modules.items()}
+
+
 def _cmd_sample(args) -> int:
-    from discon_core.checkpoints import sha256_of
     from discon_core.distributed import setup_distributed
     from discon_core.pipeline import Pipeline
     from discon_core.precision import hardware_record, resolve_dtype
@@ -276,15 +282,10 @@ def _cmd_sample(args) -> int:
         names, ckpts = _pipeline_names(args)
         dtype = resolve_dtype(args.dtype, device, "--dtype")
         pipe = Pipeline.from_names(**names, checkpoints=ckpts, device=device, dtype=dtype)
-        files = {}
-        for kind, module in ((k, getattr(pipe, k)) for k in KINDS_IN_PIPELINE):
-            if module is not None:
-                path = ckpts.get(kind, ckpts.get("backbone") if kind == "head" else "pretrained")
-                files[kind] = ({"file": str(path), "sha256": sha256_of(path)}
-                               if path not in (None, "pretrained") else path)
         config = {"mode": pipe.mode, "presets": {k: v for k, v in names.items() if v},
-                  "checkpoints": files, "ar_steps": args.ar_steps, "head_steps": args.head_steps,
-                  "prior_cfg": args.prior_cfg, "prior_temperature": args.prior_temperature,
+                  "checkpoints": weights_record(pipe), "ar_steps": args.ar_steps,
+                  "head_steps": args.head_steps, "prior_cfg": args.prior_cfg,
+                  "prior_temperature": args.prior_temperature,
                   "cfg_scale": args.cfg_scale, "temperature": args.temperature,
                   "dtype": args.dtype, "device": str(device),
                   "hardware": hardware_record(device, dtype)}

@@ -188,6 +188,34 @@ class AutoencoderKL(nn.Module):
         self._resolve_stats()
         return latents * self.latent_scale / self.latent_multiplier + self.latent_shift
 
+    @torch.no_grad()
+    def self_contained_state(self) -> tuple[dict[str, torch.Tensor], dict]:
+        """(state dict, params overrides) of this tokenizer with its normalization folded into
+        its 1x1 convolutions, so that identity statistics give the same latents and images: what
+        a pipeline folder stores (interfaces.py), needing no separate ``latents_stats`` file.
+
+        Normalization ``(z - m) / s * k``. Encoder side: moments = (mean, logvar) of z; the
+        normalized posterior has mean ``(mean - m) * k / s`` and logvar ``logvar + 2 log(k / s)``.
+        Decoder side: ``post_quant_conv(latent * s / k + m)`` is one 1x1 convolution with scaled
+        weights and a shifted bias."""
+        state = {k: v.clone() for k, v in self.state_dict().items()}
+        c = self.latent_channels
+        self._resolve_stats()
+        m = self.latent_shift.reshape(c).double()
+        gain = (self.latent_multiplier / self.latent_scale.reshape(c)).double()  # k / s
+        w, b = state["quant_conv.weight"].double(), state["quant_conv.bias"].double()
+        w[:c] *= gain[:, None, None, None]
+        b[:c] = (b[:c] - m) * gain
+        b[c:] += 2 * torch.log(gain)
+        dtype = self.quant_conv.weight.dtype
+        state["quant_conv.weight"], state["quant_conv.bias"] = w.to(dtype), b.to(dtype)
+        w, b = state["post_quant_conv.weight"].double(), state["post_quant_conv.bias"].double()
+        state["post_quant_conv.bias"] = (b + w[:, :, 0, 0] @ m).to(dtype)
+        state["post_quant_conv.weight"] = (w / gain[None, :, None, None]).to(dtype)
+        identity = {"scale_factor": 1.0} if self.name == "ldm-kl" else {
+            "latents_stats": None, "latent_multiplier": 1.0}
+        return state, identity
+
     # ------------------------------------------------------------------ raw pieces
     def moments(self, x: torch.Tensor) -> torch.Tensor:
         """Network input in [-1, 1] ``[B, 3, H, W]`` -> moments ``[B, 2C, H/f, W/f]``."""

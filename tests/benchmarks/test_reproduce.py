@@ -62,13 +62,13 @@ def test_quick_profile_end_to_end(tmp_path, capsys):
     rows = {p.stem: json.loads(p.read_text()) for p in results.glob("eval__*.json")}
     for stem in ("eval__table2__mar-s__0", "eval__table3__rar-l__discon-m__0",
                  "eval__table3__rar-s__dtok__0", "eval__fig6__discon-s__16",
-                 "eval__fig7__discon-s-kl__1.0", "eval__fig8__mar-s__15", "eval__rfid__va-vae",
-                 "eval__bf16_check", "eval__figures", "eval__long__discon-m__60__raw",
+                 "eval__fig7__discon-s-kl__1.0", "eval__fig8__mar-s__10", "eval__rfid__va-vae",
+                 "eval__bf16_check", "eval__figures", "eval__long__discon-m__40__raw",
                  "eval__warm__rar-l__dtok__0", "eval__warm__rar-l__discon-m__0"):
         assert stem in rows, stem
     # past the schedule: the continued run's kept step, scored with its raw weights
-    assert rows["eval__long__discon-m__45__ema"]["settings"]["step"] == 45
-    assert rows["eval__long__discon-m__30__raw"]["settings"]["weights"] == "raw"
+    assert rows["eval__long__discon-m__30__ema"]["settings"]["step"] == 30
+    assert rows["eval__long__discon-m__20__raw"]["settings"]["weights"] == "raw"
     # the EMA warmup check: its own prior, tokens and DisCon, trained with ema_warmup
     assert rows["eval__warm__rar-l__discon-m__0"]["settings"]["ema_warmup"] is True
     warm_cfg = yaml.safe_load((tmp_path / "study_quick" / "warm" / "cont" / "discon-m" /

@@ -140,7 +140,8 @@ def test_download_checksum_mismatch_removes_file(tmp_path):
     src = tmp_path / "src.bin"
     src.write_bytes(b"weights")
     dest = tmp_path / "cache" / "w.bin"
-    with pytest.raises(DisconError, match=r"expected sha256 0{64}, got [0-9a-f]{64}"):
+    with pytest.raises(DisconError, match=r"^download: file://\S+src.bin is corrupted: sha256 "
+                                          r"[0-9a-f]{64}, expected 0{64}; the download was deleted$"):
         checkpoints.download(src.as_uri(), dest, "0" * 64, progress=False)
     assert not dest.exists() and list(dest.parent.iterdir()) == []
 
@@ -169,3 +170,116 @@ def test_pretrained_without_weights_names_preset_file_and_source(tmp_path):
                                                    checkpoint=CheckpointSource(file="rar_b.bin")))
     with pytest.raises(DisconError, match=r"has no published checkpoint"):
         checkpoints.fetch_preset_checkpoint(Preset(kind="head", name="flow", factory="flow"))
+
+
+class FakeHub:
+    """hf_hub_download stand-in: serves ``files`` (name -> bytes) from a fake repo at commit
+    ``c0ffee``, laid out like the Hub client's cache; records every call."""
+
+    def __init__(self, files: dict[str, bytes]):
+        self.files, self.calls = files, []
+
+    def __call__(self, repo, filename, *, revision=None, local_files_only=False, cache_dir=None):
+        from huggingface_hub.utils import LocalEntryNotFoundError
+        self.calls.append((repo, filename, revision, local_files_only))
+        path = (cache_dir / f"models--{repo.replace('/', '--')}" / "snapshots" / "c0ffee"
+                / filename)
+        if local_files_only:
+            if not path.is_file():
+                raise LocalEntryNotFoundError("not in the cache")
+            return str(path)
+        if filename not in self.files:
+            raise OSError(f"404 Client Error: {filename} not found")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(self.files[filename])
+        return str(path)
+
+
+@pytest.fixture
+def hub(tmp_path, monkeypatch):
+    import huggingface_hub
+    monkeypatch.setenv("DISCON_HOME", str(tmp_path / "home"))
+    for var in checkpoints.OFFLINE_ENV:
+        monkeypatch.delenv(var, raising=False)
+    fake = FakeHub({"w.bin": b"weights"})
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", fake)
+    return fake
+
+
+def test_hub_download_records_sha256_and_commit_then_reuses_the_cache(hub, tmp_path):
+    got = checkpoints.fetch("w.bin", repo="org/model", filename="w.bin", revision="main")
+    assert got.read_bytes() == b"weights" and "snapshots/c0ffee" in str(got)
+    assert [c[3] for c in hub.calls] == [True, False]  # the cache first, then the network
+    book = checkpoints.read_json(tmp_path / "home" / "checkpoints" / checkpoints.HASHES, "book")
+    (rec,) = book.values()
+    assert rec["sha256"] == hashlib.sha256(b"weights").hexdigest() and rec["revision"] == "c0ffee"
+    assert rec["source"] == "https://huggingface.co/org/model/resolve/main/w.bin"
+    hub.calls.clear()
+    assert checkpoints.fetch("w.bin", repo="org/model", filename="w.bin") == got
+    assert [c[3] for c in hub.calls] == [True]  # reused: no download
+    assert checkpoints.provenance(got) == {"file": str(got), "sha256": rec["sha256"],
+                                           "revision": "c0ffee", "source": rec["source"]}
+
+
+def test_hub_url_is_fetched_through_the_hub_client(hub):
+    got = checkpoints.fetch("w.bin", "https://huggingface.co/org/model/resolve/v1/w.bin")
+    assert got.read_bytes() == b"weights" and ("org/model", "w.bin", "v1", False) in hub.calls
+
+
+def test_a_changed_cached_file_is_refused_against_the_first_use_record(hub):
+    got = checkpoints.fetch("w.bin", repo="org/model", filename="w.bin")
+    got.write_bytes(b"tampered")
+    with pytest.raises(DisconError, match=r"^file: \S+w.bin is corrupted: sha256 [0-9a-f]{64}, "
+                                          r"expected [0-9a-f]{64}; delete \S+ and run again"):
+        checkpoints.fetch("w.bin", repo="org/model", filename="w.bin")
+
+
+def test_registry_sha256_is_checked_on_download(hub):
+    with pytest.raises(DisconError, match="corrupted: sha256 .* expected 0{64}"):
+        checkpoints.fetch("w.bin", repo="org/model", filename="w.bin", sha256="0" * 64)
+
+
+def test_offline_mode_and_hub_errors_are_one_line(hub, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(DisconError, match=r"^prior: w.bin is not cached and downloads are off "
+                                          r"\(HF_HUB_OFFLINE or DISCON_OFFLINE is set\)"):
+        checkpoints.fetch("w.bin", repo="org/model", filename="w.bin", what="prior")
+    assert not any(c[3] is False for c in hub.calls)  # nothing was downloaded
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    with pytest.raises(DisconError, match=r"^prior: cannot download gone.bin from the Hub repo "
+                                          r"org/model \(revision main\): 404 Client Error") as e:
+        checkpoints.fetch("gone.bin", repo="org/model", filename="gone.bin", what="prior")
+    assert "\n" not in str(e.value)
+
+
+@pytest.mark.parametrize("file", ["../../../../tmp/x.safetensors", "/tmp/x.safetensors",
+                                  "sub/../../x.bin"])
+def test_cache_paths_stay_inside_discon_home(hub, file):
+    with pytest.raises(DisconError, match=r"must be a relative path inside \$DISCON_HOME"):
+        checkpoints.fetch(file, "file:///tmp/x.safetensors")
+
+
+def test_local_file_provenance_hashes_it(tmp_path):
+    f = tmp_path / "mine.pth"
+    f.write_bytes(b"mine")
+    assert checkpoints.provenance(f) == {"file": str(f),
+                                         "sha256": hashlib.sha256(b"mine").hexdigest()}
+    assert checkpoints.provenance(None) is None
+
+
+@pytest.mark.parametrize("local_rank", ["0", "1"])
+@pytest.mark.parametrize("cached", [False, True])
+def test_under_torchrun_local_rank_0_fetches_first(hub, monkeypatch, local_rank, cached):
+    """Each rank reaches the one barrier whatever its cache holds (so that the calls pair up
+    across nodes): local rank 0 after fetching, the others before they look."""
+    log = []
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "barrier", lambda: log.append("barrier"))
+    monkeypatch.setenv("LOCAL_RANK", local_rank)
+    if cached or local_rank != "0":  # rank 0 has filled the shared cache before the others look
+        hub("org/model", "w.bin", cache_dir=checkpoints.discon_home() / "hub")
+    monkeypatch.setattr(hub, "calls", [])
+    got = checkpoints.fetch("w.bin", repo="org/model", filename="w.bin")
+    assert got.read_bytes() == b"weights" and log == ["barrier"]
+    downloaded = any(c[3] is False for c in hub.calls)
+    assert downloaded == (local_rank == "0" and not cached)

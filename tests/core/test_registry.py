@@ -122,6 +122,12 @@ def test_user_registry_via_environment(toy_plugin, tmp_path, monkeypatch):
     ("head: {x: {factory: toy, checkpoint: {file: a, urll: b}}}", r"checkpoint: unknown key 'urll'.*did you mean: url"),
     ("head: {x: {factory: toy, checkpoint: {file: a, sha256: xyz}}}", r"checkpoint.sha256 must be 64"),
     ("head: {x: {factory: toy, classes: 3}}", r"entry head/x: classes must be a list"),
+    ("head: {x: {factory: toy, checkpoint: {file: ../../../../tmp/x.safetensors}}}",
+     r"entry head/x: checkpoint.file must be a relative path inside \$DISCON_HOME"),
+    ("head: {x: {factory: toy, checkpoint: {file: a, repo: org/r}}}",
+     r"entry head/x: checkpoint: give url, or repo \+ filename"),
+    ("head: {x: {factory: toy, checkpoint: {file: a, repo: org/r, filename: a, url: 'http://a'}}}",
+     r"entry head/x: checkpoint: give url, or repo \+ filename"),
 ])
 def test_malformed_registry_names_file_entry_field(toy_plugin, tmp_path, text, match):
     registry.set_user_registry(write(tmp_path, text))

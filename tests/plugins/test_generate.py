@@ -53,3 +53,27 @@ def test_resume_with_other_settings_is_refused(tmp_path):
     _write(tmp_path / "s")
     with pytest.raises(DisconError, match="other settings.*seed"):
         _write(tmp_path / "s", seed=9)
+
+
+def test_sample_json_records_weights_provenance(tmp_path):
+    """sample.json's checkpoints: released weights with file + sha256 + source, a local file
+    with its sha256, random init as null."""
+    import hashlib
+    from safetensors.torch import save_file
+    from discon_core import build
+    from discon_core.pipeline import Pipeline
+    from discon_plugins.generate import weights_record
+    prior = build("prior", "fmnist", checkpoint="pretrained", dtype="fp32")
+    dtok = build("dtok", "fmnist", dtype="fp32")
+    local = tmp_path / "dtok.safetensors"
+    save_file(dtok.state_dict(), local)
+    rec = weights_record(Pipeline(prior=prior, dtok=build("dtok", "fmnist", checkpoint=local,
+                                                          dtype="fp32")))
+    assert set(rec) == {"prior", "dtok"}
+    released = rec["prior"]["weights"]
+    assert rec["prior"]["preset"] == "fmnist" and released["file"].endswith("prior.safetensors")
+    assert released["source"] == "package:discon_plugins/weights/fmnist/prior.safetensors"
+    assert released["sha256"] == hashlib.sha256(open(released["file"], "rb").read()).hexdigest()
+    assert rec["dtok"]["weights"] == {"file": str(local),
+                                      "sha256": hashlib.sha256(local.read_bytes()).hexdigest()}
+    assert weights_record(Pipeline(prior=prior, dtok=dtok))["dtok"]["weights"] is None

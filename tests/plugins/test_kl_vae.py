@@ -271,3 +271,32 @@ def test_random_init_decodes_grey_so_the_ema_must_forget_it(one_thread):
     assert all(t["train"].get("ema_warmup") for t in paper["tokenizers"].values())
     study = load_yaml(REPO / "configs" / "fmnist_cpu.yaml")
     assert study["dtok"]["train"]["ema_warmup"] and study["ctok"]["train"]["ema_warmup"]
+
+
+@pytest.mark.parametrize("name, normalization", [
+    ("va-vae-tiny", {"latents_stats": None, "latent_multiplier": 1.0}),
+    ("ldm-kl-tiny", {"scale_factor": 1.0}),
+])
+def test_self_contained_state_folds_the_statistics_into_the_weights(name, normalization):
+    """What a pipeline folder stores: the same latents, posterior draws and images with
+    identity statistics (the returned overrides) as the tokenizer with its statistics."""
+    torch.manual_seed(0)
+    vae = build("ctok", name).eval()
+    c = vae.latent_channels
+    if name.startswith("va-vae"):
+        vae.set_latents_stats({"mean": torch.randn(1, c, 1, 1),
+                               "std": torch.rand(1, c, 1, 1) + 0.5}, latent_multiplier=1.3)
+    state, overrides = vae.self_contained_state()
+    assert overrides == normalization
+    plain = build("ctok", name, **overrides).eval()
+    plain.load_state_dict(state)
+    images = torch.rand(4, 3, 32, 32)
+    with torch.no_grad():
+        m1, m2 = vae.encode_moments(images), plain.encode_moments(images)
+        z1 = vae.latents_from_moments(m1, sample=False)
+        torch.testing.assert_close(plain.latents_from_moments(m2, sample=False), z1, **TOL)
+        # the posterior's spread is normalized too: same draws from the same noise
+        g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        torch.testing.assert_close(plain.latents_from_moments(m2, generator=g2),
+                                   vae.latents_from_moments(m1, generator=g1), **TOL)
+        torch.testing.assert_close(plain.decode(z1), vae.decode(z1), **TOL)
