@@ -22,10 +22,11 @@ import torch
 
 from discon_core import Pipeline
 from discon_core.config import load_yaml
+from discon_core.images import uint8_tensor as to_uint8
 from discon_plugins import evaluation as metrics
 from discon_core.train import LAST
 from discon_plugins.study import sampling_options, study_pipeline
-from reproduce import raw_weights, to_uint8  # benchmarks/ is on the path of a script run here
+from reproduce import raw_weights  # benchmarks/ is on the path of a script run here
 
 
 def load(cfg: dict, weights: str = "ema") -> Pipeline:

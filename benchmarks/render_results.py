@@ -47,6 +47,28 @@ def fid_cell(rs: list[dict]) -> str:
     return f"{fmt(mean(rs, 'fid'))} ({vals})" if len(rs) > 1 else vals
 
 
+def mean_px(rs: list[dict], key: str):
+    vals = [r["pixels"][key]["value"] for r in rs if key in r.get("pixels", {})]
+    return statistics.fmean(vals) if vals else None
+
+
+def black_ref(rows: dict):
+    """The reference's share of exactly black pixels, from any row that carries it."""
+    for r in rows.values():
+        if "black" in r.get("pixels", {}):
+            return r["pixels"]["black"]["reference"]
+    return None
+
+
+def verdict(passed: bool | None) -> str:
+    return {True: "pass", False: "FAIL", None: "-"}[passed]
+
+
+def checks(rs: list[dict]) -> str:
+    got = [r["pixel_check"]["pass"] for r in rs if "pixel_check" in r]
+    return "-" if not got else "pass" if all(got) else f"FAIL ({got.count(False)}/{len(got)})"
+
+
 def plot(path: Path, series: dict[str, tuple[list, list]], xlabel: str, title: str,
          logx: bool = False, hlines: dict[str, float] | None = None) -> Path | None:
     if not any(xs for xs, _ in series.values()):
@@ -102,24 +124,36 @@ def render(study) -> str:
       f"`{res.as_posix()}/*.json` (never typed). Trained and measured with "
       f"`python benchmarks/reproduce.py configs/paper_cpu.yaml --workers 2` on: "
       f"{'; '.join(machines) or '-'}; dates {', '.join(dates) or '-'}. Every model is trained by "
-      f"discon's recipes on {data_text} Fashion-MNIST training images (bf16 autocast; schedules "
-      "in the config). FID/KID/IS/precision/recall/class accuracy: `fmnist` extractor against "
-      f"Fashion-MNIST test (10,000 images); headline rows N = {ev['num']:,} class-balanced "
-      f"samples per seed, seeds {seeds}; sweeps N = {ev['sweep_num']:,}, seed 0. FIDs are "
-      "comparable only within the same N. sec/img: batch "
+      f"discon's recipes on {data_text} Fashion-MNIST training images outside the validation "
+      "split (`precision: auto`, EMA with warmup; schedules in the config). FID/KID/IS/"
+      "precision/recall/class accuracy: `fmnist` extractor. **Every sweep, figure, ablation row "
+      "and checkpoint choice is scored on the validation split** (the last 500 training images "
+      "of each class, never trained on); **the table rows once on Fashion-MNIST test** (10,000 "
+      f"images). Headline rows: N = {ev['num']:,} class-balanced samples; seed s trains its own "
+      f"models and priors and samples with s, seeds {seeds}; sweeps N = {ev['sweep_num']:,}, "
+      "seed 0. FIDs are comparable only within the same N and split. sec/img: batch "
       f"{ev['batch_size']}, one CPU thread, prior included, wall clock while another stage "
-      "trained on the second core.\n")
+      "ran on the second core.\n")
 
     # -- rFID ----------------------------------------------------------------------------
     w("### Tokenizers (Table 1 / Figure 1 rFID)\n")
-    w("Reconstructions of all 10,000 test images (ctok: posterior mean).\n")
-    w("| tokenizer | preset | params | steps | PSNR (dB) | rFID | KID | class acc. of reconstructions |")
-    w("|---|---|---|---|---|---|---|---|")
+    inc_n = ev.get("inception_num")
+    w("Reconstructions of all 10,000 test images (ctok: posterior mean)"
+      + (f"; Inception rFID: the first {inc_n:,} test images' reconstructions against all "
+         "10,000" if inc_n else "")
+      + f". Black px: the share of exactly black pixels (test images {fmt(black_ref(rows), 3)}).\n")
+    w("| tokenizer | preset | params | steps | PSNR (dB) | rFID | KID | class acc. of "
+      "reconstructions | black px | border mean | Inception rFID |")
+    w("|---|---|---|---|---|---|---|---|---|---|---|")
     for name, t in cfg["tokenizers"].items():
-        r = rows.get(f"eval:rfid:{name}")
+        if t.get("role"):
+            continue
+        r, ri = rows.get(f"eval:rfid:{name}"), rows.get(f"eval:rfid_inception:{name}")
+        px = (r or {}).get("pixels", {})
         w(f"| {name} | {t['preset']} | {fmt(r and r['params'])} | {t['train']['steps']} | "
           f"{fmt(r and r['psnr'])} | {fmt(r and r['fid'])} | {fmt(r and r['kid'], 4)} | "
-          f"{fmt(r and r['class_accuracy'], 3)} |")
+          f"{fmt(r and r['class_accuracy'], 3)} | {fmt(px.get('black', {}).get('value'), 3)} | "
+          f"{fmt(px.get('border_mean', {}).get('value'))} | {fmt(ri and ri['fid'])} |")
     w("")
 
     # -- Table 2 -------------------------------------------------------------------------
@@ -128,7 +162,6 @@ def render(study) -> str:
       f"guidance and head temperature from the sweeps below. DisCon: `{best_prior}` prior tokens "
       "(its best guidance) -> 16 AR steps, no guidance, the head temperature chosen on the "
       "smallest DisCon. FID cell: mean (seed values).\n")
-    inc_n = ev.get("inception_num")
     w("| model | size | params (continuous) | AR steps | cfg / temp. | gFID | IS | precision | "
       "recall | class acc. | sec/img |" + (f" Inception FID (N={inc_n}, seed 0) |" if inc_n else ""))
     w("|---|---|---|---|---|---|---|---|---|---|---|" + ("---|" if inc_n else ""))
@@ -151,8 +184,11 @@ def render(study) -> str:
     w("### Table 3 analogue: prior strength\n")
     w("Each prior's tokens decoded by the discrete tokenizer alone, and completed by each DisCon "
       "size (the same tokens). FID cell: mean (seed values).\n")
-    w("| prior | params (prior) | decoder | gFID | IS | class acc. | sec/img |")
-    w("|---|---|---|---|---|---|---|")
+    inc_p = rows.get(f"eval:inception:{best_prior}:dtok")
+    w("| prior | params (prior) | decoder | gFID | IS | class acc. | black px (test "
+      f"{fmt(black_ref(rows), 3)}) | pixel check | sec/img |"
+      + (" Inception FID |" if inc_n else ""))
+    w("|---|---|---|---|---|---|---|---|---|" + ("---|" if inc_n else ""))
     table3 = {}
     for p in cfg["priors"]:
         alone = seeds_of(rows, f"eval:table3:{p}:dtok", seeds)
@@ -160,10 +196,16 @@ def render(study) -> str:
         for dec in ["dtok"] + discons:
             rs = seeds_of(rows, f"eval:table3:{p}:{dec}", seeds)
             table3[(p, dec)] = rs
+            inc = (inc_p if dec == "dtok" else rows.get(f"eval:inception:{dec}")) \
+                if p == best_prior else None
             w(f"| {p} | {fmt(pp)} | {dec if dec != 'dtok' else 'discrete (dtok decode)'} | "
               f"{fid_cell(rs)} | {fmt(mean(rs, 'isc'))} | {fmt(mean(rs, 'class_accuracy'), 3)} | "
-              f"{fmt(mean(rs, 'sec_per_img'), 4)} |")
+              f"{fmt(mean_px(rs, 'black'), 3)} | {checks(rs)} | "
+              f"{fmt(mean(rs, 'sec_per_img'), 4)} |" + (f" {fmt(inc and inc['fid'])} |" if inc_n else ""))
     w("")
+    if inc_n:
+        w(f"Inception FID: seed 0, the first {inc_n:,} samples (the same prior tokens for the "
+          "two decoders) against the statistics of all 10,000 test images.\n")
 
     # -- the oracle: DisCon from the true discrete tokens ----------------------------------
     oracle = [(d, rows[f"eval:oracle:{d}"]) for d in discons if f"eval:oracle:{d}" in rows]
@@ -173,75 +215,78 @@ def render(study) -> str:
           "tokenizer, the continuous tokenizer, and each DisCon completing the images' TRUE "
           "discrete tokens (no prior; its chosen temperature, 16 steps): the best any prior can "
           "give DisCon, against what the discrete decoder makes of the same tokens.\n")
-        w("| images | FID | class acc. |")
-        w("|---|---|---|")
+        w("| images | FID | class acc. | black px | border mean | pixel check |")
+        w("|---|---|---|---|---|---|")
         first = oracle[0][1]["rows"]
-        for key in ("dtok_reconstruction", "ctok_reconstruction"):
-            w(f"| {key.replace('_', ' ')} | {fmt(first[key]['fid'])} | "
-              f"{fmt(first[key]['class_accuracy'], 3)} |")
-        for d, r in oracle:
-            v = r["rows"]["discon_from_true_tokens"]
-            w(f"| {d} from the true tokens | {fmt(v['fid'])} | {fmt(v['class_accuracy'], 3)} |")
+        named = [(key.replace("_", " "), first[key])
+                 for key in ("dtok_reconstruction", "ctok_reconstruction")]
+        named += [(f"{d} from the true tokens", r["rows"]["discon_from_true_tokens"])
+                  for d, r in oracle]
+        for label, v in named:
+            w(f"| {label} | {fmt(v['fid'])} | {fmt(v['class_accuracy'], 3)} | "
+              f"{fmt(v.get('black'), 3)} | {fmt(v.get('border_mean'))} | "
+              f"{verdict(v.get('pixel_check'))} |")
         w("")
 
-    # -- past the schedule ---------------------------------------------------------------
-    ext = cfg.get("extended") or {}
-    long_rows = {k: r for k, r in rows.items() if k.startswith("eval:long:")}
-    if long_rows:
-        w("### Past the schedule: longer training, EMA and raw weights\n")
-        w(f"{', '.join(ext['models'])} continued with the same settings from step "
-          f"{cfg['continuous_train']['steps']:,} to {ext['steps']:,} (`extended` in the config), "
-          "each kept checkpoint scored with its EMA weights (what every row above uses; "
-          f"`ema_rate` {cfg['continuous_train']['ema_rate']}, no warmup, so the EMA still holds "
-          f"{cfg['continuous_train']['ema_rate'] ** cfg['continuous_train']['steps']:.1%} of the "
-          "random init at the end of the schedule) and with its raw weights; the headline rows' "
-          f"settings, seed 0, N = {ev['num']:,}.\n")
-        w("| model | step | weights | gFID | class acc. |")
+    # -- the ablation ----------------------------------------------------------------------
+    abl = cfg.get("ablation")
+    arows = [(r, rows.get(f"eval:ablation:{r}")) for r in
+             (["base"] + list(abl["trained"]) + list(abl["sampled"]) if abl else [])]
+    if any(r for _, r in arows):
+        w("### Closing the oracle gap: one lever per row\n")
+        w(f"`{abl['base']}` (its chosen temperature, 16 AR steps) and one change per row: *trained* rows "
+          "retrain it with that change, *sampled* rows sample it another way. Oracle: given the "
+          f"true discrete tokens of {ev['sweep_num']} validation images; end to end: given "
+          f"`{best_prior}`'s sweep tokens (seed 0). Both against the validation split. "
+          "s/img: the continuous stage alone (batch "
+          f"{ev['batch_size']}, one thread).\n")
+        w("| row | what changed | oracle FID | oracle class acc. | e2e FID | e2e class acc. | "
+          "black px | s/img | params |")
+        w("|---|---|---|---|---|---|---|---|---|")
+        for r, v in arows:
+            change = ("-" if r == "base" else
+                      "trained: " + json.dumps(abl["trained"][r], sort_keys=True)
+                      if r in abl["trained"] else "sampled: " + json.dumps(abl["sampled"][r]))
+            if v is None:
+                w(f"| {r} | {change} | - | - | - | - | - | - | - |")
+                continue
+            o, e = v["oracle"], v["e2e"]
+            w(f"| {r} | {change.replace('|', '/')} | {fmt(o['fid'])} | "
+              f"{fmt(o['class_accuracy'], 3)} | {fmt(e['fid'])} | {fmt(e['class_accuracy'], 3)} | "
+              f"{fmt(e.get('black'), 3)} | {fmt(v['sec_per_img_continuous'], 4)} | "
+              f"{fmt(v['params'])} |")
+        w("")
+        w("Not measured as a row: training on the prior's tokens instead of the dtok encoder's "
+          "(the prior's samples have no paired continuous tokens; docs/reproduction.md).\n")
+
+    # -- the codebook sweep -----------------------------------------------------------------
+    cb = sorted((r for k, r in rows.items() if k.startswith("eval:codebook:")),
+                key=lambda r: r["codebook_size"])
+    fcb = None
+    if cb:
+        w("### Beyond the paper: the discrete tokenizer's codebook size\n")
+        w(f"The dtok retrained with each codebook size, a `{cfg['codebook_sweep']['continuous']}` "
+          f"trained on each; the true tokens of {cb[0]['N']} validation images decoded by the "
+          "dtok, completed by DisCon, and the same images through the ctok (validation split).\n")
+        w("| codes | dtok decode FID | DisCon FID | ctok reconstruction FID | DisCon / dtok |")
         w("|---|---|---|---|---|")
-        for k, r in sorted(long_rows.items(), key=lambda kr: (kr[1]["settings"]["model"],
-                                                               kr[1]["settings"]["step"],
-                                                               kr[1]["settings"]["weights"])):
-            st = r["settings"]
-            w(f"| {st['model']} | {st['step']:,} | {st['weights']} | {fmt(r['fid'])} | "
-              f"{fmt(r.get('class_accuracy'), 3)} |")
-        dq = rows.get(f"eval:table3:{best_prior}:dtok:0")
-        fl = plot(res / "fig8_fid_past_schedule.png",
-                  {f"{m} ({wt})": sweep(rows, f"eval:long:{m}:", lambda r: r["settings"]["step"],
-                                        keep=lambda r, wt=wt: r["settings"]["weights"] == wt)
-                   for m in ext["models"] for wt in ("ema", "raw")},
-                  "training step", "FID past the schedule (EMA vs raw weights)",
-                  hlines={f"{best_prior} tokens, dtok decode": dq["fid"]} if dq else None)
-        if fl:
-            cap = "FID vs training step past the schedule, EMA and raw weights"
-            w(f"\n![{cap}]({rel(fl)})\n")
-            w(f"*{cap}; dashed: the discrete decode of the same prior tokens.*\n")
+        for r in cb:
+            d, c, q = (r["rows"][k]["fid"] for k in
+                       ("dtok_reconstruction", "discon_from_true_tokens", "ctok_reconstruction"))
+            w(f"| {r['codebook_size']} | {fmt(d)} | {fmt(c)} | {fmt(q)} | {fmt(c / d)} |")
         w("")
-
-    # -- the EMA warmup check -------------------------------------------------------------
-    chk = cfg.get("ema_warmup_check")
-    if chk:
-        wp, wd = chk["prior"], chk["continuous"]
-        pair = [(f"{wp} (dtok decode)", rows.get(f"eval:warm:{wp}:dtok:0"),
-                 rows.get(f"eval:table3:{wp}:dtok:0")),
-                (f"{wp} -> {wd}", rows.get(f"eval:warm:{wp}:{wd}:0"),
-                 rows.get(f"eval:table3:{wp}:{wd}:0"))]
-        if any(new for _, new, _ in pair):
-            w("### The EMA warmup check: Figure 2 with `ema_warmup`\n")
-            w(f"`{wp}` and `{wd}` retrained from scratch with `ema_warmup: true` (everything else "
-              "as above), new prior tokens (seed 0, the same guidance), scored as Table 3; beside "
-              f"them the Table 3 rows (seed 0) of the models trained without it. N = {ev['num']:,}."
-              "\n")
-            w("| tokens -> images | gFID with warmup | class acc. | gFID without | class acc. |")
-            w("|---|---|---|---|---|")
-            for label, new, old in pair:
-                w(f"| {label} | {fmt(new and new['fid'])} | "
-                  f"{fmt(new and new.get('class_accuracy'), 3)} | {fmt(old and old['fid'])} | "
-                  f"{fmt(old and old.get('class_accuracy'), 3)} |")
-            w("")
+        ks = [r["codebook_size"] for r in cb]
+        fcb = plot(res / "fig_codebook_size.png",
+                   {label: (ks, [r["rows"][key]["fid"] for r in cb]) for label, key in
+                    (("dtok decode", "dtok_reconstruction"),
+                     ("DisCon from the same tokens", "discon_from_true_tokens"),
+                     ("ctok reconstruction", "ctok_reconstruction"))},
+                   "codebook size", "FID vs the dtok's codebook size (true tokens)", logx=True)
 
     # -- sweeps that chose the guidance --------------------------------------------------
     w("### Sampling settings chosen by sweeps (what was tried)\n")
-    w("The lowest FID of each sweep is used by every row that samples that model family.\n")
+    w("The lowest FID of each sweep (validation split) is used by every row that samples that "
+      "model family.\n")
     w("| sweep | scale | FID | class acc. |")
     w("|---|---|---|---|")
     for kind, key in (("prior_cfg", "cfg_scale"), ("mar_cfg", "cfg_scale"),
@@ -272,7 +317,8 @@ def render(study) -> str:
     w("### Figures\n")
     for path, cap in ((f6, f"FID vs AR steps (N={ev['sweep_num']}): {s_mar} vs {s_dis}"),
                       (f7, "FID vs head temperature for the two continuous tokenizers"),
-                      (f8, "FID vs training epochs")):
+                      (f8, "FID vs training epochs"),
+                      (fcb, "FID vs the dtok's codebook size, true tokens of validation images")):
         if path:
             w(f"![{cap}]({rel(path)})\n")
             w(f"*{cap}.*\n")
@@ -303,13 +349,18 @@ def render(study) -> str:
         w("`discon sample` of the shipped pipeline and of its prior's tokens through the dtok "
           "(same seed, hence the same tokens), scored by `discon eval --ref fashion-mnist:test` "
           "(commands in docs/default_model.md).\n")
-        w("| pipeline | N | FID | KID | IS | precision | recall | class acc. |")
-        w("|---|---|---|---|---|---|---|---|")
+        w("| pipeline | extractor | N | FID | KID | IS | precision | recall | class acc. | "
+          "black px | border mean | pixel check |")
+        w("|---|---|---|---|---|---|---|---|---|---|---|---|")
         for path in card:
             r = json.loads(path.read_text())
-            w(f"| {path.stem} | {r['N']:,} | {fmt(r.get('fid'))} | {fmt(r.get('kid'), 4)} | "
-              f"{fmt(r.get('isc'))} | {fmt(r.get('precision'), 3)} | {fmt(r.get('recall'), 3)} | "
-              f"{fmt(r.get('class_accuracy'), 3)} |")
+            px = r.get("pixels", {})
+            w(f"| {path.stem} | {r.get('extractor', 'fmnist')} | {r['N']:,} | {fmt(r.get('fid'))} | "
+              f"{fmt(r.get('kid'), 4)} | {fmt(r.get('isc'))} | {fmt(r.get('precision'), 3)} | "
+              f"{fmt(r.get('recall'), 3)} | {fmt(r.get('class_accuracy'), 3)} | "
+              f"{fmt(px.get('black', {}).get('value'), 3)} | "
+              f"{fmt(px.get('border_mean', {}).get('value'))} | "
+              f"{verdict(r.get('pixel_check', {}).get('pass'))} |")
         w("")
 
     # -- the claims -----------------------------------------------------------------------
@@ -359,20 +410,20 @@ def claims(rows, table2, table3, mars, discons, prior, cfg) -> list[str]:
             out.append(f"Continuous output better than the discrete decode of the same tokens "
                        f"(Figure 2; {prior} -> {d}): **{'yes' if fd < fq else 'no'}**, gFID "
                        f"{fq:.2f} (dtok) vs {fd:.2f} (DisCon), class accuracy {aq:.3f} vs {ad:.3f}.")
-        chk = cfg.get("ema_warmup_check") or {}
-        wq = rows.get(f"eval:warm:{prior}:dtok:0")
-        wdis = rows.get(f"eval:warm:{prior}:{d}:0")
-        if chk.get("continuous") == d and wq and wdis:
-            out.append(f"With EMA warmup ({prior} and {d} retrained with `ema_warmup`, seed 0): "
-                       f"**{'yes' if wdis['fid'] < wq['fid'] else 'no'}**, gFID {wq['fid']:.2f} "
-                       f"(dtok) vs {wdis['fid']:.2f} (DisCon), class accuracy "
-                       f"{wq['class_accuracy']:.3f} vs {wdis['class_accuracy']:.3f}.")
-        longer = [r for k, r in rows.items() if k.startswith(f"eval:long:{d}:")]
-        dq = rows.get(f"eval:table3:{prior}:dtok:0")
-        if longer and dq:
-            b = min(longer, key=lambda r: r["fid"])
-            out.append(f"Trained past the schedule ({d}, seed 0): the best DisCon point is gFID "
-                       f"{b['fid']:.2f} (step {b['settings']['step']:,}, {b['settings']['weights']} "
-                       f"weights) against {dq['fid']:.2f} for the discrete decode of the same "
-                       f"tokens: **{'yes' if b['fid'] < dq['fid'] else 'no'}**.")
+        inc_d, inc_q = rows.get(f"eval:inception:{d}"), rows.get(f"eval:inception:{prior}:dtok")
+        if d == discons[-1] and inc_d and inc_q:
+            out.append(f"The same comparison in Inception features ({prior} -> {d}, seed 0, "
+                       f"N = {inc_d['N']:,} vs all test images): "
+                       f"**{'yes' if inc_d['fid'] < inc_q['fid'] else 'no'}**, FID "
+                       f"{inc_q['fid']:.2f} (dtok) vs {inc_d['fid']:.2f} (DisCon).")
+    cb = sorted((r for k, r in rows.items() if k.startswith("eval:codebook:")),
+                key=lambda r: r["codebook_size"])
+    if len(cb) >= 2:
+        gain = [(r["codebook_size"], r["rows"]["dtok_reconstruction"]["fid"]
+                 - r["rows"]["discon_from_true_tokens"]["fid"]) for r in cb]
+        grows = all(a[1] > b[1] for a, b in zip(gain, gain[1:]))
+        out.append("The continuous path's advantage grows as the discrete tokens get coarser "
+                   f"(dtok FID - DisCon FID, true tokens, by codebook size): "
+                   f"**{'yes' if grows else 'not monotonically'}**, "
+                   + ", ".join(f"{k}: {g:+.2f}" for k, g in gain) + ".")
     return out or ["not measured yet"]

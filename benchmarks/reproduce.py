@@ -39,14 +39,21 @@ import torch
 
 from discon_core.config import TrainConfig, check_keys, load_yaml
 from discon_core.errors import DisconError
+from discon_core.images import uint8_tensor as to_uint8
 from discon_core.precision import hardware_record, resolve_precision
 
 KEYS = {"out", "results", "seed", "threads", "data", "train_defaults", "tokenizers", "caches",
         "continuous_train", "continuous", "prior_train", "priors", "eval", "default",
-        "extended", "ema_warmup_check"}
+        "ablation", "codebook_sweep"}
 EVAL_KEYS = {"num", "sweep_num", "seeds", "batch_size", "prior", "prior_cfg_sweep",
              "mar_cfg_sweep", "ar_steps_sweep", "temperature_sweep", "inception_num", "rfid_num"}
+CONT_KEYS = {"backbone", "head", "cache", "size", "overrides", "train", "role"}
+SAMPLED_KEYS = {"temperature", "ar_steps", "head_steps", "step"}   # ablation rows on the base
+# where each kind of measurement is scored: every choice (sweeps, figures, ablations) on the
+# validation split carved out of train, the reported table rows once on test
+SELECT, REPORT = "val", "test"
 LAST = "checkpoint-last.pth"
+TIERS = {None: 0, "ablation": 2, "codebook": 3}  # stage tiers by role (Stage.tier)
 
 
 def say(msg: str) -> None:
@@ -58,8 +65,7 @@ def say(msg: str) -> None:
 
 def quick_profile(cfg: dict) -> dict:
     """Tiny schedules, batches and sample counts: every stage type runs and every table and plot
-    renders, in about 2.5 min with native bf16 and 4 min in fp32 on 2 cores (docs/speed.md);
-    the slow test runs it."""
+    renders, in a few minutes on 2 cores (docs/reproduction.md); the slow test runs it."""
     cfg = copy.deepcopy(cfg)
     cfg["out"] = cfg["out"].rstrip("/") + "_quick"
     cfg["results"] = str(Path(cfg["out"]) / "results")
@@ -71,11 +77,61 @@ def quick_profile(cfg: dict) -> dict:
     for sec in cfg["priors"].values():
         sec["overrides"] = {**sec.get("overrides", {}), "randomness_anneal_start": 7,
                             "randomness_anneal_end": 14}
-    if cfg.get("extended"):
-        cfg["extended"].update(steps=40, keep_every=10)
+    for sec in cfg["continuous"].values():
+        sec.get("train", {}).pop("steps", None)
+    if cfg.get("ablation"):  # one trained and one sampled lever
+        abl = cfg["ablation"]
+        abl["trained"] = {k: {**v, "train": {kk: vv for kk, vv in v.get("train", {}).items()
+                                             if kk != "steps"}}
+                          for k, v in list(abl["trained"].items())[:1]}
+        abl["sampled"] = {"half-training": {"step": 10}}
+    if cfg.get("codebook_sweep"):  # one more codebook size, at the tokenizers' quick steps
+        cfg["codebook_sweep"].update(sizes=cfg["codebook_sweep"]["sizes"][:1], steps=20)
     cfg["eval"].update(num=40, sweep_num=20, seeds=[0], batch_size=20, prior_cfg_sweep=[1.0, 2.0],
                        mar_cfg_sweep=[1.0, 2.0], ar_steps_sweep=[1, 16],
                        temperature_sweep=[1.0], inception_num=0, rfid_num=1000)
+    return cfg
+
+
+def expand(cfg: dict, path: str) -> dict:
+    """The ablation's trained rows and the codebook sweep as ordinary config entries (role
+    ``ablation`` / ``codebook``: trained like any other, kept out of the tables' roles)."""
+    abl, cb = cfg.get("ablation"), cfg.get("codebook_sweep")
+    if abl:
+        check_keys(abl, {"base", "trained", "sampled"}, f"study config {path}: ablation")
+        base = abl["base"]
+        if base not in cfg["continuous"]:
+            raise DisconError(f"study config {path}: ablation.base {base!r} is not one of "
+                              f"{sorted(cfg['continuous'])}")
+        for row, change in abl["trained"].items():
+            check_keys(change, CONT_KEYS - {"role", "cache", "size"},
+                       f"study config {path}: ablation.trained.{row}")
+            b = cfg["continuous"][base]
+            cfg["continuous"][f"{base}+{row}"] = {
+                **b, **{k: v for k, v in change.items() if k not in ("overrides", "train")},
+                "overrides": {**b.get("overrides", {}), **change.get("overrides", {})},
+                "train": {**b.get("train", {}), **change.get("train", {})}, "role": "ablation"}
+        for row, change in abl["sampled"].items():
+            check_keys(change, SAMPLED_KEYS, f"study config {path}: ablation.sampled.{row}")
+    if cb:
+        check_keys(cb, {"dtok", "continuous", "sizes", "steps"}, f"study config {path}: codebook_sweep")
+        dtok, base = cb["dtok"], cb["continuous"]
+        if dtok not in cfg["tokenizers"] or base not in cfg["continuous"]:
+            raise DisconError(f"study config {path}: codebook_sweep names dtok {dtok!r} and "
+                              f"continuous {base!r}; tokenizers: {sorted(cfg['tokenizers'])}, "
+                              f"continuous: {sorted(cfg['continuous'])}")
+        b = cfg["continuous"][base]
+        for k in cb["sizes"]:
+            t = copy.deepcopy(cfg["tokenizers"][dtok])
+            t["overrides"] = {**t.get("overrides", {}), "codebook_size": int(k)}
+            if cb.get("steps"):
+                t["train"]["steps"] = int(cb["steps"])
+            cfg["tokenizers"][f"{dtok}-k{k}"] = {**t, "role": "codebook"}
+            cache = f"{b['cache']}-k{k}"
+            cfg["caches"][cache] = {**cfg["caches"][b["cache"]], "dtok": f"{dtok}-k{k}"}
+            cfg["continuous"][f"{base}-k{k}"] = {
+                **b, "cache": cache, "role": "codebook",
+                "overrides": {**b.get("overrides", {}), "cond_vocab_size": int(k)}}
     return cfg
 
 
@@ -83,8 +139,11 @@ def load_config(path: str, quick: bool = False) -> dict:
     cfg = load_yaml(path)
     check_keys(cfg, KEYS, f"study config {path}")
     check_keys(cfg["eval"], EVAL_KEYS, f"study config {path}: eval")
+    for name, c in cfg["continuous"].items():
+        check_keys(c, CONT_KEYS - {"role"}, f"study config {path}: continuous.{name}")
     if quick:
         cfg = quick_profile(cfg)
+    cfg = expand(cfg, path)
     names = set(cfg["tokenizers"])
     for name, c in cfg["caches"].items():
         for kind in ("dtok", "ctok"):
@@ -95,10 +154,6 @@ def load_config(path: str, quick: bool = False) -> dict:
         if c["cache"] not in cfg["caches"]:
             raise DisconError(f"study config {path}: continuous.{name}.cache {c['cache']!r} is "
                               f"not one of {sorted(cfg['caches'])}")
-    for name in (cfg.get("extended") or {}).get("models", []):
-        if name not in cfg["continuous"]:
-            raise DisconError(f"study config {path}: extended.models names {name!r}, not one of "
-                              f"{sorted(cfg['continuous'])}")
     if cfg["eval"]["prior"] not in cfg["priors"]:
         raise DisconError(f"study config {path}: eval.prior {cfg['eval']['prior']!r} is not one "
                           f"of {sorted(cfg['priors'])}")
@@ -118,9 +173,9 @@ def check_presets(cfg: dict) -> None:
     dtok = next(iter(cfg["caches"].values()))["dtok"]  # the ids every prior is trained on
     for name, c in cfg["continuous"].items():
         cache = cfg["caches"][c["cache"]]
-        spec = {"preset": c["backbone"], "overrides": c.get("overrides", {})}
+        bspec, hspec = specs(c)
         try:
-            backbone, head = meta("backbone", spec), meta("head", spec)
+            backbone, head = meta("backbone", bspec), meta("head", hspec)
             check_compatible(dtok=meta("dtok", toks[cache["dtok"]]), backbone=backbone,
                              head=head, ctok=meta("ctok", toks[cache["ctok"]]))
         except DisconError as e:
@@ -131,6 +186,19 @@ def check_presets(cfg: dict) -> None:
             check_compatible(prior=meta("prior", p), dtok=meta("dtok", toks[dtok]))
         except DisconError as e:
             raise DisconError(f"study config: priors.{name} ({p['preset']}): {e}") from None
+
+
+def specs(c: dict) -> tuple[dict, dict]:
+    """The backbone and head specs of a continuous entry (the head preset defaults to the
+    backbone's name: each backbone preset has the head preset of its name)."""
+    over = c.get("overrides", {})
+    return ({"preset": c["backbone"], "overrides": over},
+            {"preset": c.get("head", c["backbone"]), "overrides": over})
+
+
+def stage_name(kind: str, name: str, seed: int = 0) -> str:
+    """``cont:discon-m`` for seed 0, ``cont:discon-m:s1`` for a second training seed."""
+    return f"{kind}:{name}" + (f":s{seed}" if seed else "")
 
 
 def signature(obj: Any) -> str:
@@ -146,6 +214,8 @@ class Stage:
     run: Callable[[], Any]
     deps: list[str] = field(default_factory=list)
     settings: Any = None          # what the stage's result depends on (its marker records it)
+    tier: int = 0                 # ready stages run lowest tier first: the headline seed 0,
+                                  # then the other seeds and Inception, the ablation, the sweep
 
 
 class Study:
@@ -158,13 +228,16 @@ class Study:
         self._extractors: dict[str, Any] = {}
         self._references: dict[tuple, Any] = {}
         # the continuous models by role (config order, smallest first): plain MAR, DisCon on the
-        # first cache (the ids the priors learn), DisCon on the other caches (Figure 7)
-        conts = cfg["continuous"]
+        # first cache (the ids the priors learn), DisCon on the other caches (Figure 7); the
+        # ablation's and the codebook sweep's models have roles of their own
+        conts = {n: c for n, c in cfg["continuous"].items() if not c.get("role")}
         self.mars = [n for n, c in conts.items() if not self._has_cond(c)]
         self.discons = [n for n, c in conts.items() if self._has_cond(c)
                         and c["cache"] == self._id_cache()]
         self.other_ctok_discons = [n for n, c in conts.items() if self._has_cond(c)
                                    and n not in self.discons]
+        # every headline seed trains its own Table 2-3 models and priors (seed 0: the sweeps')
+        self.train_seeds = sorted({0, *map(int, self.ev["seeds"])})
         self._build_stages()
 
     # -- paths ---------------------------------------------------------------------------------
@@ -174,14 +247,11 @@ class Study:
     def cache_dir(self, name: str) -> Path:
         return self.out / "cache" / name
 
-    def cont_dir(self, name: str, warm: bool = False) -> Path:
-        return self.out / ("warm" if warm else "") / "cont" / name
+    def cont_dir(self, name: str, seed: int = 0) -> Path:
+        return self.out / "cont" / (name + (f"-s{seed}" if seed else ""))
 
-    def prior_dir(self, name: str, warm: bool = False) -> Path:
-        return self.out / ("warm" if warm else "") / "prior" / name
-
-    def long_dir(self, name: str) -> Path:
-        return self.out / "long" / name
+    def prior_dir(self, name: str, seed: int = 0) -> Path:
+        return self.out / "prior" / (name + (f"-s{seed}" if seed else ""))
 
     def marker(self, stage: str) -> Path:
         return self.out / ".done" / (stage.replace(":", "__") + ".json")
@@ -189,13 +259,13 @@ class Study:
     def result(self, stage: str) -> Path:
         return self.results / (stage.replace(":", "__") + ".json")
 
-    def add(self, name, run, deps=(), settings=None):
-        self.stages[name] = Stage(name, run, list(deps), settings)
+    def add(self, name, run, deps=(), settings=None, tier=0):
+        self.stages[name] = Stage(name, run, list(deps), settings, tier)
 
     # -- training ------------------------------------------------------------------------------
-    def _train_cfg(self, block: dict, **fields) -> TrainConfig:
-        raw = {"seed": self.seed, "device": self.device, **self.cfg.get("train_defaults", {}),
-               **copy.deepcopy(block), **fields}
+    def _train_cfg(self, block: dict, seed: int = 0, **fields) -> TrainConfig:
+        raw = {"device": self.device, **self.cfg.get("train_defaults", {}),
+               **copy.deepcopy(block), **fields, "seed": self.seed + seed}
         # auto resolved here, so a stage records what it trained in (bf16 and fp32 runs of one
         # stage are different stages: one trained on another kind of CPU is not reused)
         raw["precision"] = resolve_precision(raw.get("precision", "auto"), self.device)
@@ -234,76 +304,55 @@ class Study:
                                  out=str(self.out / "tok" / name),
                                  components={"tokenizer": {"kind": t["kind"], "preset": t["preset"],
                                                            "overrides": t.get("overrides", {})}})
-            self.add(f"tok:{name}", lambda tc=tc: self._train(tc), settings=tc.as_dict())
+            self.add(f"tok:{name}", lambda tc=tc: self._train(tc), settings=tc.as_dict(),
+                     tier=TIERS[t.get("role")])
         for name, c in cfg["caches"].items():
             self.add(f"cache:{name}", lambda name=name: self.build_cache(name),
                      deps=[f"tok:{c['dtok']}", f"tok:{c['ctok']}"],
-                     settings={"data": data, **c})
+                     settings={"data": data, **c},
+                     tier=TIERS[cfg["tokenizers"][c["dtok"]].get("role")])
+        table = set(self.mars + self.discons)
         for name, c in cfg["continuous"].items():
-            self.add(f"cont:{name}", lambda name=name: self._train(self.cont_cfg(name)),
-                     deps=[f"cache:{c['cache']}"], settings={**c, **cfg["continuous_train"]})
-        ext = cfg.get("extended") or {}
-        for name in ext.get("models", []):
-            self.add(f"long:{name}", lambda name=name: self.train_long(name),
-                     deps=[f"cont:{name}"], settings={**cfg["continuous_train"],
-                                                      "steps": ext["steps"],
-                                                      "keep_every": ext["keep_every"]})
-        chk = cfg.get("ema_warmup_check")
-        if chk:  # the same prior and DisCon retrained from scratch with ema_warmup
-            p, d = chk["prior"], chk["continuous"]
-            self.add(f"warm:prior:{p}", lambda p=p: self._train(self.prior_cfg(p, warm=True)),
-                     deps=[f"cache:{self._id_cache()}"],
-                     settings={**cfg["priors"][p], **cfg["prior_train"], "ema_warmup": True})
-            self.add(f"warm:cont:{d}", lambda d=d: self._train(self.cont_cfg(d, warm=True)),
-                     deps=[f"cache:{cfg['continuous'][d]['cache']}"],
-                     settings={**cfg["continuous"][d], **cfg["continuous_train"],
-                               "ema_warmup": True})
+            for seed in (self.train_seeds if name in table else [0]):
+                self.add(stage_name("cont", name, seed),
+                         lambda name=name, seed=seed: self._train(self.cont_cfg(name, seed)),
+                         deps=[f"cache:{c['cache']}"],
+                         settings={**c, **cfg["continuous_train"], "seed": seed},
+                         tier=max(TIERS[c.get("role")], min(seed, 1)))
         for name, p in cfg["priors"].items():
-            self.add(f"prior:{name}", lambda name=name: self._train(self.prior_cfg(name)),
-                     deps=[f"cache:{self._id_cache()}"], settings={**p, **cfg["prior_train"]})
+            for seed in self.train_seeds:
+                self.add(stage_name("prior", name, seed),
+                         lambda name=name, seed=seed: self._train(self.prior_cfg(name, seed)),
+                         deps=[f"cache:{self._id_cache()}"],
+                         settings={**p, **cfg["prior_train"], "seed": seed}, tier=min(seed, 1))
         self._eval_stages()
 
     def _id_cache(self) -> str:
         return next(iter(self.cfg["caches"]))
 
-    def cont_cfg(self, name: str, warm: bool = False) -> TrainConfig:
+    def cont_cfg(self, name: str, seed: int = 0) -> TrainConfig:
         c = self.cfg["continuous"][name]
         cache = self.cfg["caches"][c["cache"]]
         toks = self.cfg["tokenizers"]
-        spec = {"preset": c["backbone"], "overrides": c.get("overrides", {})}
+        bspec, hspec = specs(c)
         opts = {} if self._has_cond(c) else {"use_cond": False}
-        return self._train_cfg(self.cfg["continuous_train"], recipe="discon",
-                               out=str(self.cont_dir(name, warm)), recipe_options=opts,
-                               **({"ema_warmup": True} if warm else {}),
+        return self._train_cfg({**self.cfg["continuous_train"], **c.get("train", {})}, seed,
+                               recipe="discon", out=str(self.cont_dir(name, seed)),
+                               recipe_options=opts,
                                data={"cache": str(self.cache_dir(c["cache"]))},
-                               components={"backbone": spec, "head": spec,
-                                           "dtok": toks[cache["dtok"]]["preset"],
+                               components={"backbone": bspec, "head": hspec,
+                                           "dtok": {"preset": toks[cache["dtok"]]["preset"],
+                                                    "overrides": toks[cache["dtok"]].get(
+                                                        "overrides", {})},
                                            "ctok": {"preset": toks[cache["ctok"]]["preset"],
                                                     "overrides": self._ctok_overrides(c["cache"])}})
 
-    def long_cfg(self, name: str) -> TrainConfig:
-        raw = self.cont_cfg(name).as_dict()
-        ext = self.cfg["extended"]
-        raw.update(out=str(self.long_dir(name)), steps=ext["steps"], keep_every=ext["keep_every"])
-        return TrainConfig.from_dict(raw, where=f"study stage long:{name}")
-
-    def train_long(self, name: str) -> None:
-        """The same training continued past the schedule's end, in its own folder (the
-        schedule's stage and everything measured on it stay as they are)."""
-        from discon_core.train import train
-        cfg = self.long_cfg(name)
-        if (Path(cfg.out) / LAST).is_file():
-            self._train(cfg)
-        else:  # first start: exact resume from the end of the schedule's run
-            train(cfg, resume=self.cont_dir(name) / LAST)
-
-    def prior_cfg(self, name: str, warm: bool = False) -> TrainConfig:
+    def prior_cfg(self, name: str, seed: int = 0) -> TrainConfig:
         p = self.cfg["priors"][name]
         cache = self._id_cache()
         dtok = self.cfg["tokenizers"][self.cfg["caches"][cache]["dtok"]]["preset"]
-        return self._train_cfg(self.cfg["prior_train"], recipe="prior",
-                               out=str(self.prior_dir(name, warm)),
-                               **({"ema_warmup": True} if warm else {}),
+        return self._train_cfg(self.cfg["prior_train"], seed, recipe="prior",
+                               out=str(self.prior_dir(name, seed)),
                                data={"cache": str(self.cache_dir(cache))},
                                components={"prior": {"preset": p["preset"],
                                                      "overrides": p.get("overrides", {})},
@@ -322,7 +371,8 @@ class Study:
         build_cache(self.cfg["data"], out, dtok=toks[c["dtok"]]["preset"],
                     ctok=toks[c["ctok"]]["preset"], dtok_checkpoint=str(self.tok_ckpt(c["dtok"])),
                     ctok_checkpoint=str(self.tok_ckpt(c["ctok"])), shard_size=5000,
-                    batch_size=256, device=self.device, progress=False)
+                    batch_size=256, device=self.device, progress=False,
+                    dtok_overrides=toks[c["dtok"]].get("overrides", {}))
         # normalization of the raw latents, from posterior draws of the cached moments:
         # per channel (VA-VAE's latents_stats.pt) or one scale (LDM's scale_factor = 1/std)
         from discon_core.registry import build
@@ -347,26 +397,37 @@ class Study:
         ev, cfg = self.ev, self.cfg
         best_prior = ev["prior"]
         mars, discons = self.mars, self.discons
-        for name in cfg["tokenizers"]:
+        for name, t in cfg["tokenizers"].items():
+            if t.get("role"):
+                continue  # the codebook sweep's dtoks are scored by eval:codebook
             self.add(f"eval:rfid:{name}", lambda name=name: self.eval_rfid(name),
                      deps=[f"tok:{name}"] + [f"cache:{c}" for c, v in cfg["caches"].items()
                                              if v["ctok"] == name][:1],
                      settings={"tok": name, **({"ref_n": ev["rfid_num"]} if ev.get("rfid_num")
                                                else {})})
+            if ev.get("inception_num"):  # the same in Inception features, N = inception_num
+                self.add(f"eval:rfid_inception:{name}",
+                         lambda name=name: self.eval_rfid(name, "inception", ev["inception_num"]),
+                         deps=[f"tok:{name}"] + [f"cache:{c}" for c, v in cfg["caches"].items()
+                                                 if v["ctok"] == name][:1],
+                         settings={"tok": name, "n": ev["inception_num"]}, tier=1)
+        # every sweep below is scored on the validation split (SELECT); its choice is used by
+        # the table rows, scored once on test (REPORT)
+        sel = {"split": SELECT}
         # prior guidance, chosen on the strongest prior alone (sweep_num, seed 0)
         for s in ev["prior_cfg_sweep"]:
             self.add(f"eval:prior_cfg:{best_prior}:{s}",
                      lambda s=s: self.eval_prior_alone(best_prior, 0, ev["sweep_num"], s),
-                     deps=[f"prior:{best_prior}"], settings={"cfg": s, "n": ev["sweep_num"]})
+                     deps=[f"prior:{best_prior}"], settings={"cfg": s, "n": ev["sweep_num"], **sel})
         cfg_deps = [f"eval:prior_cfg:{best_prior}:{s}" for s in ev["prior_cfg_sweep"]]
         # the guidance a sweep chose is part of what its dependants were made with
         psw, msw = {"prior_sweep": ev["prior_cfg_sweep"]}, {"mar_sweep": ev["mar_cfg_sweep"]}
         # MAR guidance, chosen on the smallest MAR at 64 steps
         for s in ev["mar_cfg_sweep"]:
             self.add(f"eval:mar_cfg:{mars[0]}:{s}",
-                     lambda s=s: self.eval_cont(mars[0], None, 0, ev["sweep_num"],
+                     lambda s=s: self.eval_cont(mars[0], None, 0, ev["sweep_num"], split=SELECT,
                                                 cfg_scale=s, ar_steps=64),
-                     deps=[f"cont:{mars[0]}"], settings={"cfg": s, "n": ev["sweep_num"]})
+                     deps=[f"cont:{mars[0]}"], settings={"cfg": s, "n": ev["sweep_num"], **sel})
         mar_deps = [f"eval:mar_cfg:{mars[0]}:{s}" for s in ev["mar_cfg_sweep"]]
         # MAR's head temperature at its best guidance; DisCon's on the smallest DisCon (Figure 7)
         s_mar, s_dis = mars[0], discons[0]
@@ -374,11 +435,12 @@ class Study:
         for t in ev["temperature_sweep"]:
             self.add(f"eval:mar_temp:{s_mar}:{t}",
                      lambda t=t: self.eval_cont(s_mar, None, 0, ev["sweep_num"], ar_steps=64,
+                                                split=SELECT,
                                                 cfg_scale=self.best("mar_cfg", "cfg_scale"),
                                                 temperature=t),
-                     deps=[f"cont:{s_mar}"] + mar_deps, settings={"t": t, **msw})
+                     deps=[f"cont:{s_mar}"] + mar_deps, settings={"t": t, **msw, **sel})
         mar_deps += [f"eval:mar_temp:{s_mar}:{t}" for t in ev["temperature_sweep"]]
-        msw = {**msw, **tsw}
+        msw = {**msw, **tsw, **sel}
         sweep_tokens = f"tokens:{best_prior}:0:{ev['sweep_num']}"
         self.add(sweep_tokens, lambda: self.make_tokens(best_prior, 0, ev["sweep_num"]),
                  deps=[f"prior:{best_prior}"] + cfg_deps, settings={"n": ev["sweep_num"], **psw})
@@ -387,9 +449,10 @@ class Study:
             for t in ev["temperature_sweep"]:
                 self.add(f"eval:fig7:{d}:{t}",
                          lambda d=d, t=t: self.eval_cont(d, best_prior, 0, ev["sweep_num"],
-                                                         temperature=t),
-                         deps=[sweep_tokens, f"cont:{d}"], settings={"t": t, **psw})
+                                                         split=SELECT, temperature=t),
+                         deps=[sweep_tokens, f"cont:{d}"], settings={"t": t, **psw, **sel})
         dis_deps = [f"eval:fig7:{s_dis}:{t}" for t in ev["temperature_sweep"]]
+        psw = {**psw, **sel}
         dsw = {**psw, **tsw}
 
         def mar_kw() -> dict:    # MAR rows: all tokens in 64 steps, its chosen guidance + temp.
@@ -399,37 +462,41 @@ class Study:
         def dis_kw() -> dict:    # DisCon rows: the temperature chosen on the smallest DisCon
             return {"temperature": self.best(f"fig7__{s_dis}", "temperature")}
 
-        # prior samples: every prior, headline seeds, N = num (+ sweep_num for the figures)
+        # prior samples: every prior and headline seed (its own trained prior), N = num
         for p in cfg["priors"]:
             for seed in ev["seeds"]:
                 self.add(f"tokens:{p}:{seed}:{ev['num']}",
                          lambda p=p, seed=seed: self.make_tokens(p, seed, ev["num"]),
-                         deps=[f"prior:{p}"] + cfg_deps, settings={"n": ev["num"], **psw})
+                         deps=[stage_name("prior", p, seed)] + cfg_deps,
+                         settings={"n": ev["num"], **psw}, tier=min(seed, 1))
                 # Table 3: the prior alone (its tokens through the discrete decoder)
                 self.add(f"eval:table3:{p}:dtok:{seed}",
                          lambda p=p, seed=seed: self.eval_prior_tokens(p, seed, ev["num"]),
-                         deps=[f"tokens:{p}:{seed}:{ev['num']}"], settings={"n": ev["num"], **psw})
+                         deps=[f"tokens:{p}:{seed}:{ev['num']}"], settings={"n": ev["num"], **psw},
+                         tier=min(seed, 1))
                 for d in discons:
                     self.add(f"eval:table3:{p}:{d}:{seed}",
-                             lambda p=p, d=d, seed=seed: self.eval_cont(d, p, seed, ev["num"],
-                                                                        **dis_kw()),
-                             deps=[f"tokens:{p}:{seed}:{ev['num']}", f"cont:{d}"] + dis_deps,
-                             settings={"n": ev["num"], **dsw})
+                             lambda p=p, d=d, seed=seed: self.eval_cont(
+                                 d, p, seed, ev["num"], trained_seed=seed, **dis_kw()),
+                             deps=[f"tokens:{p}:{seed}:{ev['num']}",
+                                   stage_name("cont", d, seed)] + dis_deps,
+                             settings={"n": ev["num"], **dsw}, tier=min(seed, 1))
         # Table 2: MAR at 64 steps (its best guidance and temperature) vs DisCon at 16 steps
         for m in mars:
             for seed in ev["seeds"]:
                 self.add(f"eval:table2:{m}:{seed}",
                          lambda m=m, seed=seed: self.eval_cont(m, None, seed, ev["num"],
-                                                               **mar_kw()),
-                         deps=[f"cont:{m}"] + mar_deps, settings={"n": ev["num"], **msw})
+                                                               trained_seed=seed, **mar_kw()),
+                         deps=[stage_name("cont", m, seed)] + mar_deps,
+                         settings={"n": ev["num"], **msw}, tier=min(seed, 1))
         # Figure 6: FID vs AR steps, MAR and DisCon of the smallest size
         for k in ev["ar_steps_sweep"]:
             self.add(f"eval:fig6:{s_dis}:{k}",
-                     lambda k=k: self.eval_cont(s_dis, best_prior, 0, ev["sweep_num"],
+                     lambda k=k: self.eval_cont(s_dis, best_prior, 0, ev["sweep_num"], split=SELECT,
                                                 **{**dis_kw(), "ar_steps": k}),
                      deps=[sweep_tokens, f"cont:{s_dis}"] + dis_deps, settings={"k": k, **dsw})
             self.add(f"eval:fig6:{s_mar}:{k}",
-                     lambda k=k: self.eval_cont(s_mar, None, 0, ev["sweep_num"],
+                     lambda k=k: self.eval_cont(s_mar, None, 0, ev["sweep_num"], split=SELECT,
                                                 **{**mar_kw(), "ar_steps": k}),
                      deps=[f"cont:{s_mar}"] + mar_deps, settings={"k": k, **msw})
         # Figure 8: FID vs training progress (the kept checkpoints)
@@ -438,44 +505,13 @@ class Study:
         for step in range(keep, ct["steps"] + 1, keep):
             self.add(f"eval:fig8:{s_mar}:{step}",
                      lambda step=step: self.eval_cont(s_mar, None, 0, ev["sweep_num"], step=step,
-                                                      **mar_kw()),
+                                                      split=SELECT, **mar_kw()),
                      deps=[f"cont:{s_mar}"] + mar_deps, settings={"step": step, **msw})
             self.add(f"eval:fig8:{s_dis}:{step}",
                      lambda step=step: self.eval_cont(s_dis, best_prior, 0, ev["sweep_num"],
-                                                      step=step, **dis_kw()),
+                                                      step=step, split=SELECT, **dis_kw()),
                      deps=[f"cont:{s_dis}", sweep_tokens] + dis_deps,
                      settings={"step": step, **dsw})
-        # past the schedule (``extended``): each continued model at every kept step, with its
-        # EMA and its raw weights, at the headline rows' settings (seed 0, N = num)
-        ext = cfg.get("extended") or {}
-        end = cfg["continuous_train"]["steps"]
-        for name in ext.get("models", []):
-            dis = name in discons + self.other_ctok_discons
-            for step in range(end, ext["steps"] + 1, ext["keep_every"]):
-                for weights in ("ema", "raw"):
-                    self.add(f"eval:long:{name}:{step}:{weights}",
-                             lambda name=name, dis=dis, step=step, weights=weights: self.eval_cont(
-                                 name, best_prior if dis else None, 0, ev["num"], step=step,
-                                 weights=weights, **(dis_kw() if dis else mar_kw())),
-                             deps=[f"long:{name}"] + ([f"tokens:{best_prior}:0:{ev['num']}"]
-                                                      + dis_deps if dis else mar_deps),
-                             settings={"step": step, "weights": weights, "n": ev["num"],
-                                       **(dsw if dis else msw)})
-        # the EMA warmup check: Figure 2's comparison with prior and DisCon retrained with it
-        chk = cfg.get("ema_warmup_check")
-        if chk:
-            wp, wd, n = chk["prior"], chk["continuous"], ev["num"]
-            self.add(f"tokens:warm:{wp}:0:{n}",
-                     lambda wp=wp, n=n: self.make_tokens(wp, 0, n, warm=True),
-                     deps=[f"warm:prior:{wp}"] + cfg_deps, settings={"n": n, **psw})
-            self.add(f"eval:warm:{wp}:dtok:0",
-                     lambda wp=wp, n=n: self.eval_prior_tokens(wp, 0, n, warm=True),
-                     deps=[f"tokens:warm:{wp}:0:{n}"], settings={"n": n, **psw})
-            self.add(f"eval:warm:{wp}:{wd}:0",
-                     lambda wp=wp, wd=wd, n=n: self.eval_cont(wd, wp, 0, n, warm=True,
-                                                              **dis_kw()),
-                     deps=[f"tokens:warm:{wp}:0:{n}", f"warm:cont:{wd}"] + dis_deps,
-                     settings={"n": n, **dsw})
         # Figures 2 and 5: pictures
         self.add("eval:figures", lambda: self.figures(discons[-1], best_prior, **dis_kw()),
                  deps=[sweep_tokens, f"cont:{discons[-1]}"] + dis_deps, settings=dsw)
@@ -484,31 +520,62 @@ class Study:
         for d in discons:
             self.add(f"eval:oracle:{d}", lambda d=d: self.eval_oracle(d, ev["num"], **dis_kw()),
                      deps=[f"cont:{d}"] + dis_deps, settings={"n": ev["num"], **dsw})
+        # the ablation: one lever per row against its base (validation split, oracle + e2e)
+        abl = cfg.get("ablation")
+        if abl:
+            base = abl["base"]
+            rows = {"base": (base, {})}
+            rows.update({r: (f"{base}+{r}", {}) for r in abl["trained"]})
+            rows.update({r: (base, dict(kw)) for r, kw in abl["sampled"].items()})
+            for row, (model, kw) in rows.items():
+                self.add(f"eval:ablation:{row}",
+                         lambda row=row, model=model, kw=kw: self.eval_ablation(
+                             row, model, ev["sweep_num"], **{**dis_kw(), **kw}),
+                         deps=[sweep_tokens, f"cont:{model}"] + dis_deps,
+                         settings={"model": model, **kw, "n": ev["sweep_num"], **dsw}, tier=2)
+        # the codebook sweep: dtok decode, DisCon and ctok reconstruction of the same images'
+        # true tokens, against the codebook size (validation split)
+        cb = cfg.get("codebook_sweep")
+        if cb:
+            main_k = self.dtok_codebook(cfg["continuous"][cb["continuous"]]["cache"])
+            for k in sorted({main_k, *map(int, cb["sizes"])}):
+                model = cb["continuous"] if k == main_k else f"{cb['continuous']}-k{k}"
+                self.add(f"eval:codebook:{k}",
+                         lambda k=k, model=model: self.eval_codebook(k, model, ev["sweep_num"],
+                                                                     **dis_kw()),
+                         deps=[f"cont:{model}"] + dis_deps, settings={"n": ev["sweep_num"], **dsw},
+                         tier=3)
         # the bf16 autocast measurement (images/s and final loss vs fp32, one stage)
         self.add("eval:bf16_check", lambda: self.bf16_check(s_dis),
                  deps=[f"cache:{self._id_cache()}"], settings={"steps": 300})
-        # Inception FID of the largest MAR and DisCon (seed 0; ~1 image/s on this CPU)
+        # Inception FID of the headline pair (the largest DisCon and the discrete decode of the
+        # same prior tokens) and the largest MAR: seed 0, N = inception_num, against the
+        # statistics of the whole test split (computed once, cached under $DISCON_HOME/eval)
         if ev.get("inception_num"):
-            n = ev["inception_num"]
+            n, tok = ev["inception_num"], f"tokens:{best_prior}:0:{ev['num']}"
             self.add(f"eval:inception:{mars[-1]}",
                      lambda: self.eval_cont(mars[-1], None, 0, n, extractor="inception",
                                             **mar_kw()),
-                     deps=[f"cont:{mars[-1]}"] + mar_deps, settings={"n": n, **msw})
+                     deps=[f"cont:{mars[-1]}"] + mar_deps, settings={"n": n, **msw}, tier=1)
             self.add(f"eval:inception:{discons[-1]}",
                      lambda: self.eval_cont(discons[-1], best_prior, 0, n, from_n=ev["num"],
                                             extractor="inception", **dis_kw()),
-                     deps=[f"cont:{discons[-1]}", f"tokens:{best_prior}:0:{ev['num']}"] + dis_deps,
-                     settings={"n": n, **dsw})
+                     deps=[f"cont:{discons[-1]}", tok] + dis_deps, settings={"n": n, **dsw}, tier=1)
+            self.add(f"eval:inception:{best_prior}:dtok",
+                     lambda: self.eval_prior_tokens(best_prior, 0, ev["num"], n=n,
+                                                    extractor="inception"),
+                     deps=[tok], settings={"n": n, **psw}, tier=1)
 
     def best(self, sweep: str, key: str) -> float:
-        """The ``settings[key]`` with the lowest FID among the finished ``eval:<sweep>...`` rows."""
+        """The ``settings[key]`` with the lowest FID among the finished ``eval:<sweep>...`` rows
+        (all scored on the validation split)."""
         rows = [json.loads(p.read_text()) for p in self.results.glob(f"eval__{sweep}__*.json")]
         if not rows:
             raise DisconError(f"the {sweep} sweep has no results in {self.results}")
         return min(rows, key=lambda r: r["fid"])["settings"][key]
 
-    def tokens_path(self, prior: str, seed: int, n: int, warm: bool = False) -> Path:
-        return self.out / ("warm" if warm else "") / "tokens" / f"{prior}-seed{seed}-n{n}.pt"
+    def tokens_path(self, prior: str, seed: int, n: int) -> Path:
+        return self.out / "tokens" / f"{prior}-seed{seed}-n{n}.pt"
 
     def build(self, kind, preset, ckpt, **over):
         from discon_core.registry import build
@@ -517,19 +584,25 @@ class Study:
         return build(kind, preset, checkpoint=ckpt, device=self.device, dtype="fp32",
                      **over).eval()
 
-    def prior_module(self, p: str, warm: bool = False):
+    def prior_module(self, p: str, seed: int = 0):
         spec = self.cfg["priors"][p]
-        return self.build("prior", spec["preset"], self.prior_dir(p, warm) / LAST,
+        return self.build("prior", spec["preset"], self.prior_dir(p, seed) / LAST,
                           **spec.get("overrides", {}))
 
-    def dtok_module(self):
-        name = self.cfg["caches"][self._id_cache()]["dtok"]
-        return self.build("dtok", self.cfg["tokenizers"][name]["preset"], self.tok_ckpt(name))
+    def dtok_module(self, cache: str | None = None):
+        name = self.cfg["caches"][cache or self._id_cache()]["dtok"]
+        t = self.cfg["tokenizers"][name]
+        return self.build("dtok", t["preset"], self.tok_ckpt(name), **t.get("overrides", {}))
+
+    def dtok_codebook(self, cache: str) -> int:
+        from discon_core.registry import resolve
+        t = self.cfg["tokenizers"][self.cfg["caches"][cache]["dtok"]]
+        return int({**resolve("dtok", t["preset"]).params, **t.get("overrides", {})}["codebook_size"])
 
     @torch.no_grad()
-    def sample_prior(self, p: str, seed: int, n: int, cfg_scale: float, warm: bool = False):
+    def sample_prior(self, p: str, seed: int, n: int, cfg_scale: float):
         from discon_plugins.generate import _batch_seed, balanced_labels
-        prior = self.prior_module(p, warm)
+        prior = self.prior_module(p, seed)
         from discon_core.pipeline import _sampling
         sampling = _sampling(prior)
         labels = balanced_labels(n, prior.num_classes)
@@ -543,17 +616,18 @@ class Study:
                                     generator=g))
         return torch.cat(out), labels, (time.perf_counter() - t0) / n
 
-    def make_tokens(self, p: str, seed: int, n: int, warm: bool = False) -> None:
+    def make_tokens(self, p: str, seed: int, n: int) -> None:
+        """Class-balanced samples of prior ``p`` as trained with ``seed``, sampled with it."""
         cfg_scale = self.best("prior_cfg", "cfg_scale")
-        tokens, labels, sec = self.sample_prior(p, seed, n, cfg_scale, warm)
-        path = self.tokens_path(p, seed, n, warm)
+        tokens, labels, sec = self.sample_prior(p, seed, n, cfg_scale)
+        path = self.tokens_path(p, seed, n)
         path.parent.mkdir(parents=True, exist_ok=True)
         from discon_core.checkpoints import save_atomic
         save_atomic({"tokens": tokens, "labels": labels, "sec_per_img": torch.tensor(sec),
                      "cfg_scale": torch.tensor(cfg_scale)}, path)
 
-    def load_tokens(self, p: str, seed: int, n: int, warm: bool = False) -> dict:
-        return torch.load(self.tokens_path(p, seed, n, warm), weights_only=True)
+    def load_tokens(self, p: str, seed: int, n: int) -> dict:
+        return torch.load(self.tokens_path(p, seed, n), weights_only=True)
 
     def extractor(self, name: str):
         """One instance per extractor for the whole process (Inception: a checked 87 MB file)."""
@@ -562,29 +636,30 @@ class Study:
             self._extractors[name] = metrics.get_extractor(name, self.device)
         return self._extractors[name]
 
-    def reference(self, n: int | None = None, extractor: str = "fmnist"):
-        """Fashion-MNIST test (or its first n images), read once per extractor (an input keeps
-        the features of the extractor that first scored it)."""
+    def reference(self, split: str = REPORT, n: int | None = None):
+        """Fashion-MNIST ``split`` (or its first n images), read once; its features are cached
+        per extractor under $DISCON_HOME/eval."""
         from discon_plugins import evaluation as metrics
-        if (n, extractor) not in self._references:
-            ref = metrics.load_input("fashion-mnist:test")
-            if n:  # a fixed subset of the test set (Inception on this CPU: seconds per image)
-                ref = metrics.EvalInput(f"fashion-mnist:test[:{n}]",
+        if (split, n) not in self._references:
+            ref = metrics.load_input(f"fashion-mnist:{split}")
+            if n:  # a fixed subset (the quick profile's rFID)
+                ref = metrics.EvalInput(f"fashion-mnist:{split}[:{n}]",
                                         images=torch.utils.data.Subset(ref.images, range(n)),
                                         labels=ref.labels[:n],
-                                        cache_key=f"fashion-mnist-test-first{n}-32px")
-            self._references[n, extractor] = ref
-        return self._references[n, extractor]
+                                        cache_key=f"{ref.cache_key}-first{n}")
+            self._references[split, n] = ref
+        return self._references[split, n]
 
     def score(self, images: torch.Tensor, labels: torch.Tensor, extractor: str = "fmnist",
-              ref_n: int | None = None) -> dict:
+              split: str = REPORT) -> dict:
         from discon_plugins import evaluation as metrics
         ext = self.extractor(extractor)
         gen = metrics.EvalInput("generated", images=metrics.TensorImages(images), labels=labels)
-        ref = self.reference(ref_n, extractor)
+        ref = self.reference(split)
         names = ["fid", "kid", "isc", "prc"] if ext.num_classes else ["fid", "kid", "prc"]
-        return metrics.compute(gen, ref, ext, names, device=self.device,
-                               kid_subset_size=min(1000, len(images)), batch_size=250)
+        row = metrics.compute(gen, ref, ext, names, device=self.device,
+                              kid_subset_size=min(1000, len(images)), batch_size=250)
+        return {**row, "split": split}   # with pixels + pixel_check against the same split
 
     def write(self, stage: str, row: dict) -> None:
         from discon_core.checkpoints import save_atomic
@@ -596,45 +671,45 @@ class Study:
     def eval_prior_alone(self, p: str, seed: int, n: int, cfg_scale: float) -> None:
         tokens, labels, sec = self.sample_prior(p, seed, n, cfg_scale)
         images, dec = self.decode_ids(tokens)
-        row = self.score(images, labels)
+        row = self.score(images, labels, split=SELECT)
         self.write(self._current,
                    {**row, "settings": {"prior": p, "cfg_scale": cfg_scale, "seed": seed},
                     "sec_per_img": sec + dec})
 
     @torch.no_grad()
-    def decode_ids(self, tokens: torch.Tensor):
-        dtok = self.dtok_module()
+    def decode_ids(self, tokens: torch.Tensor, cache: str | None = None):
+        dtok = self.dtok_module(cache)
         t0 = time.perf_counter()
         images = torch.cat([dtok.decode(tokens[i:i + 250]) for i in range(0, len(tokens), 250)])
         return to_uint8(images), (time.perf_counter() - t0) / len(tokens)
 
-    def eval_prior_tokens(self, p: str, seed: int, n: int, warm: bool = False) -> None:
-        t = self.load_tokens(p, seed, n, warm)
-        images, dec = self.decode_ids(t["tokens"])
-        row = self.score(images, t["labels"])
-        prior = self.prior_module(p, warm)
+    def eval_prior_tokens(self, p: str, seed: int, num: int, n: int | None = None,
+                          extractor: str = "fmnist") -> None:
+        """Prior ``p``'s saved tokens (the first ``n`` of ``num``) through the discrete decoder."""
+        t = self.load_tokens(p, seed, num)
+        n = n or num
+        images, dec = self.decode_ids(t["tokens"][:n])
+        row = self.score(images, t["labels"][:n], extractor)
+        prior = self.prior_module(p, seed)
         self.write(self._current, {
             **row, "settings": {"prior": p, "decoder": "dtok", "seed": seed,
                                 "prior_cfg": float(t["cfg_scale"])},
             "params_prior": n_params(prior), "sec_per_img": float(t["sec_per_img"]) + dec,
             "sec_per_img_prior": float(t["sec_per_img"])})
 
-    def cont_modules(self, name: str, step: int | None = None, weights: str = "ema",
-                     warm: bool = False):
-        """Backbone, head and ctok of continuous model ``name`` at ``step`` (None: the end of
-        the schedule; past it: the continued run of ``extended``); ``weights="raw"``: the
-        checkpoint's raw weights instead of its EMA."""
+    def cont_modules(self, name: str, step: int | None = None, seed: int = 0,
+                     head_steps: str | None = None):
+        """Backbone, head and ctok of continuous model ``name`` as trained with ``seed``, at
+        ``step`` (None: the end of its schedule); ``head_steps``: another sampling schedule of
+        the head (e.g. ``ddim50``)."""
         c = self.cfg["continuous"][name]
-        end = self.cfg["continuous_train"]["steps"]
-        d = self.cont_dir(name, warm) if not step or step <= end else self.long_dir(name)
+        end = {**self.cfg["continuous_train"], **c.get("train", {})}["steps"]
+        d = self.cont_dir(name, seed)
         ckpt = d / (f"checkpoint-{step:07d}.pth" if step and step != end else LAST)
-        if not ckpt.is_file() and step and step > end:
-            ckpt = d / LAST  # the continued run's last step may not be a kept one
-        if weights == "raw":
-            ckpt = raw_weights(ckpt)
-        over = c.get("overrides", {})
-        backbone = self.build("backbone", c["backbone"], ckpt, **over)
-        head = self.build("head", c["backbone"], ckpt, **over)
+        bspec, hspec = specs(c)
+        backbone = self.build("backbone", bspec["preset"], ckpt, **bspec["overrides"])
+        head = self.build("head", hspec["preset"], ckpt, **hspec["overrides"],
+                          **({"num_sampling_steps": str(head_steps)} if head_steps else {}))
         cache = self.cfg["caches"][c["cache"]]
         ctok = self.build("ctok", self.cfg["tokenizers"][cache["ctok"]]["preset"],
                           self.tok_ckpt(cache["ctok"]), **self._ctok_overrides(c["cache"]))
@@ -642,50 +717,56 @@ class Study:
 
     @torch.no_grad()
     def generate(self, name, prior, seed, n, *, step=None, ar_steps=None, temperature=None,
-                 cfg_scale=None, from_n=None, weights="ema", warm=False):
-        """Images of continuous model ``name`` (from ``prior``'s saved tokens for DisCon);
-        returns uint8 images, labels, seconds per image of the continuous stage + decoder."""
+                 cfg_scale=None, from_n=None, trained_seed=0, head_steps=None):
+        """Images of continuous model ``name`` (from ``prior``'s saved tokens of ``seed`` for
+        DisCon); returns uint8 images, labels, sec/img of the continuous stage + decoder."""
         from discon_core import sample_tokens
         from discon_plugins.generate import _batch_seed, balanced_labels
-        backbone, head, ctok = self.cont_modules(name, step, weights, warm)
+        backbone, head, ctok = self.cont_modules(name, step, trained_seed, head_steps)
         from discon_core.pipeline import _sampling
         sampling = _sampling(backbone)
         ar_steps = int(ar_steps or sampling.get("ar_steps", 16))
         cfg_scale = float(cfg_scale if cfg_scale is not None else 1.0)
         temperature = float(temperature if temperature is not None else 1.0)
         if prior is not None:
-            t = self.load_tokens(prior, seed, from_n or n, warm)  # from_n: first n of a larger set
+            t = self.load_tokens(prior, seed, from_n or n)  # from_n: first n of a larger set
             labels, cond = t["labels"][:n], t["tokens"][:n].flatten(1)
         else:
             labels, cond = balanced_labels(n, backbone.class_num), None
+        images, sec = self.complete(backbone, head, ctok, labels, cond, ar_steps=ar_steps,
+                                    temperature=temperature, cfg_scale=cfg_scale,
+                                    seed_of=lambda k: _batch_seed(seed, k) + 7)
+        settings = {"model": name, "prior": prior, "seed": seed, "trained_seed": trained_seed,
+                    "ar_steps": ar_steps, "temperature": temperature, "cfg_scale": cfg_scale,
+                    "step": step or {**self.cfg["continuous_train"],
+                                     **self.cfg["continuous"][name].get("train", {})}["steps"],
+                    "head_steps": getattr(head, "num_sampling_steps", None)}
+        return images, labels, sec, settings, n_params(backbone, head)
+
+    @torch.no_grad()
+    def complete(self, backbone, head, ctok, labels, cond, *, ar_steps, temperature,
+                 cfg_scale=1.0, seed_of=lambda k: k):
+        """The continuous stage in batches (batch k seeded ``seed_of(k)``), decoded: uint8
+        images and seconds per image."""
+        from discon_core import sample_tokens
         bs, out = self.ev["batch_size"], []
         t0 = time.perf_counter()
-        for k in range(-(-n // bs)):
-            g = torch.Generator().manual_seed(_batch_seed(seed, k) + 7)
+        for k in range(-(-len(labels) // bs)):
             sl = slice(k * bs, (k + 1) * bs)
             x = sample_tokens(backbone, head, labels[sl], cond=None if cond is None else cond[sl],
                               ar_steps=ar_steps, temperature=temperature, cfg_scale=cfg_scale,
-                              generator=g)
+                              generator=torch.Generator().manual_seed(seed_of(k)))
             out.append(ctok.decode(backbone.unpatchify(x)))
-        sec = (time.perf_counter() - t0) / n
-        settings = {"model": name, "prior": prior, "seed": seed, "ar_steps": ar_steps,
-                    "temperature": temperature, "cfg_scale": cfg_scale,
-                    "step": step or self.cfg["continuous_train"]["steps"],
-                    "head_steps": getattr(head, "num_sampling_steps", None), "weights": weights,
-                    "ema_warmup": warm}
-        return to_uint8(torch.cat(out)), labels, sec, settings, n_params(backbone, head)
+        return to_uint8(torch.cat(out)), (time.perf_counter() - t0) / len(labels)
 
-    def eval_cont(self, name, prior, seed, n, extractor="fmnist", **kw) -> None:
+    def eval_cont(self, name, prior, seed, n, extractor="fmnist", split=REPORT, **kw) -> None:
         images, labels, sec, settings, params = self.generate(name, prior, seed, n, **kw)
-        ref_n = self.ev["inception_num"] if extractor == "inception" else None
-        row = self.score(images, labels, extractor, ref_n=ref_n)
-        sec_prior = (float(self.load_tokens(prior, seed, kw.get("from_n") or n,
-                                            kw.get("warm", False))["sec_per_img"])
+        row = self.score(images, labels, extractor, split)
+        sec_prior = (float(self.load_tokens(prior, seed, kw.get("from_n") or n)["sec_per_img"])
                      if prior else 0.0)
-        stage = self._current
-        self.write(stage, {**row, "settings": settings, "params": params,
-                           "sec_per_img": sec + sec_prior, "sec_per_img_prior": sec_prior,
-                           "sec_per_img_continuous": sec})
+        self.write(self._current, {**row, "settings": settings, "params": params,
+                                   "sec_per_img": sec + sec_prior, "sec_per_img_prior": sec_prior,
+                                   "sec_per_img_continuous": sec})
 
     @torch.no_grad()
     def figures(self, name: str, prior: str, temperature: float = 1.0) -> None:
@@ -735,45 +816,87 @@ class Study:
                                        / rows["fp32"]["images_per_s"]})
 
     @torch.no_grad()
-    def eval_oracle(self, name: str, n: int, temperature: float = 1.0) -> None:
-        """DisCon given the discrete tokens of real test images (an upper bound of what any
-        prior can give it), beside the two tokenizers' reconstructions of the same images."""
-        from discon_core import sample_tokens
-        ref = self.reference()
-        idx = torch.arange(n) * (len(ref) // n)  # every (10000/n)-th test image
+    def oracle(self, name: str, split: str, n: int, *, temperature: float = 1.0,
+               ar_steps: int = 16, step: int | None = None, head_steps: str | None = None,
+               tokenizers: bool = True) -> dict:
+        """DisCon ``name`` given the discrete tokens of ``n`` real images of ``split`` (evenly
+        spaced; an upper bound of what any prior can give it), beside the two tokenizers'
+        reconstructions of the same images (``tokenizers``). Rows of scores by name."""
+        ref = self.reference(split)
+        idx = torch.arange(n) * (len(ref) // n)
         images = torch.stack([ref.images[int(i)] for i in idx]).float() / 255
         labels = ref.labels[idx]
-        backbone, head, ctok = self.cont_modules(name)
-        dtok = self.dtok_module()
+        cache = self.cfg["continuous"][name]["cache"]
+        backbone, head, ctok = self.cont_modules(name, step, head_steps=head_steps)
+        dtok = self.dtok_module(cache)
         out = {}
         ids = torch.cat([dtok.encode(images[i:i + 250]) for i in range(0, n, 250)])
-        out["dtok_reconstruction"] = self.score(
-            to_uint8(torch.cat([dtok.decode(ids[i:i + 250]) for i in range(0, n, 250)])), labels)
-        out["ctok_reconstruction"] = self.score(to_uint8(torch.cat(
-            [ctok.decode(ctok.encode(images[i:i + 250])) for i in range(0, n, 250)])), labels)
-        bs, rec = self.ev["batch_size"], []
-        for k in range(-(-n // bs)):
-            sl = slice(k * bs, (k + 1) * bs)
-            x = sample_tokens(backbone, head, labels[sl], cond=ids[sl].flatten(1), ar_steps=16,
-                              temperature=temperature, generator=torch.Generator().manual_seed(k))
-            rec.append(ctok.decode(backbone.unpatchify(x)))
-        out["discon_from_true_tokens"] = self.score(to_uint8(torch.cat(rec)), labels)
-        self.write(self._current, {"rows": {k: {m: v[m] for m in ("fid", "class_accuracy")}
-                                            for k, v in out.items()},
-                                   "N": n, "settings": {"model": name, "temperature": temperature,
-                                                        "ar_steps": 16}})
+        if tokenizers:
+            out["dtok_reconstruction"] = self.score(to_uint8(torch.cat(
+                [dtok.decode(ids[i:i + 250]) for i in range(0, n, 250)])), labels, split=split)
+            out["ctok_reconstruction"] = self.score(to_uint8(torch.cat(
+                [ctok.decode(ctok.encode(images[i:i + 250])) for i in range(0, n, 250)])),
+                labels, split=split)
+        rec, sec = self.complete(backbone, head, ctok, labels, ids.flatten(1), ar_steps=ar_steps,
+                                 temperature=temperature)
+        out["discon_from_true_tokens"] = {**self.score(rec, labels, split=split),
+                                          "sec_per_img_continuous": sec}
+        return out
+
+    @staticmethod
+    def brief(row: dict) -> dict:
+        keep = ("fid", "class_accuracy", "split", "sec_per_img_continuous")
+        px = row.get("pixels", {})
+        return {**{k: row[k] for k in keep if k in row},
+                "black": px.get("black", {}).get("value"),
+                "border_mean": px.get("border_mean", {}).get("value"),
+                "pixel_check": row.get("pixel_check", {}).get("pass")}
+
+    def eval_oracle(self, name: str, n: int, temperature: float = 1.0) -> None:
+        rows = self.oracle(name, REPORT, n, temperature=temperature)
+        self.write(self._current, {"rows": {k: self.brief(v) for k, v in rows.items()},
+                                   "N": n, "split": REPORT,
+                                   "settings": {"model": name, "temperature": temperature,
+                                                "ar_steps": 16}})
+
+    def eval_ablation(self, row: str, model: str, n: int, *, temperature: float = 1.0,
+                      ar_steps: int | None = None, head_steps: str | None = None,
+                      step: int | None = None) -> None:
+        """One ablation row: the model given the true tokens of validation images (oracle) and
+        given the prior's sweep tokens (end to end), with the continuous stage's s/img."""
+        kw = {"temperature": temperature, "ar_steps": ar_steps or 16, "step": step,
+              "head_steps": head_steps}
+        oracle = self.oracle(model, SELECT, n, tokenizers=False, **kw)["discon_from_true_tokens"]
+        images, labels, sec, settings, params = self.generate(
+            model, self.ev["prior"], 0, n, **kw)
+        e2e = self.score(images, labels, split=SELECT)
+        self.write(self._current, {"row": row, "N": n, "split": SELECT, "params": params,
+                                   "oracle": self.brief(oracle), "e2e": self.brief(e2e),
+                                   "fid": e2e["fid"], "sec_per_img_continuous": sec,
+                                   "settings": settings})
+
+    def eval_codebook(self, k: int, model: str, n: int, temperature: float = 1.0) -> None:
+        rows = self.oracle(model, SELECT, n, temperature=temperature)
+        self.write(self._current, {"codebook_size": k, "N": n, "split": SELECT,
+                                   "rows": {r: self.brief(v) for r, v in rows.items()},
+                                   "settings": {"model": model, "temperature": temperature,
+                                                "ar_steps": 16}})
 
     @torch.no_grad()
-    def eval_rfid(self, name: str) -> None:
+    def eval_rfid(self, name: str, extractor: str = "fmnist", n: int | None = None) -> None:
+        """rFID of tokenizer ``name``: its reconstructions of the first ``n`` test images
+        (default all; the quick profile's rfid_num) against the whole test split."""
         from discon_plugins import evaluation as metrics
         t = self.cfg["tokenizers"][name]
-        tok = self.build(t["kind"], t["preset"], self.tok_ckpt(name))
-        # rfid_num (quick profile only): the first N test images instead of all 10,000
-        ext, ref = self.extractor("fmnist"), self.reference(self.cfg["eval"].get("rfid_num"))
-        rec, psnr = metrics.reconstruct(tok, ref, device=self.device, batch_size=250)
-        rec.labels = ref.labels  # class accuracy of the reconstructions
-        row = metrics.compute(rec, ref, ext, ["fid", "kid"], device=self.device, batch_size=250)
-        self.write(f"eval:rfid:{name}", {**row, "psnr": psnr,
+        tok = self.build(t["kind"], t["preset"], self.tok_ckpt(name), **t.get("overrides", {}))
+        n = n or self.ev.get("rfid_num")
+        ext, src = self.extractor(extractor), self.reference(REPORT, n)
+        ref = self.reference(REPORT) if extractor == "inception" else src
+        rec, psnr = metrics.reconstruct(tok, src, device=self.device, batch_size=250)
+        rec.labels = src.labels  # class accuracy of the reconstructions
+        row = metrics.compute(rec, ref, ext, ["fid", "kid"], device=self.device, batch_size=250,
+                              kid_subset_size=min(1000, len(src)))
+        self.write(self._current, {**row, "psnr": psnr,
                                          "settings": {"tokenizer": name, "preset": t["preset"],
                                                       "steps": t["train"]["steps"]},
                                          "params": n_params(tok)})
@@ -785,26 +908,27 @@ class Study:
         from discon_core.pipeline import _sampling
         from discon_plugins import default_model
         d = self.cfg["default"]
-        name, p, warm = d["continuous"], d["prior"], bool(d.get("ema_warmup", False))
+        check_keys(d, {"prior", "continuous"}, "study config: default")
+        name, p = d["continuous"], d["prior"]
         c = self.cfg["continuous"][name]
         cache = self.cfg["caches"][c["cache"]]
         toks = self.cfg["tokenizers"]
-        backbone, head, ctok = self.cont_modules(name, warm=warm)
-        prior = self.prior_module(p, warm)
+        backbone, head, ctok = self.cont_modules(name)
+        prior = self.prior_module(p)
         where = f"configs/paper_cpu.yaml, seed {self.seed}"
-        tag = "warm:" if warm else ""  # the EMA warmup check's retrained stages
         comps = {
             "prior": {"module": prior, "extends": self.cfg["priors"][p]["preset"],
                       "params": self.cfg["priors"][p].get("overrides", {}),
                       "sampling": {**_sampling(prior), "cfg_scale": self.best("prior_cfg", "cfg_scale")},
-                      "description": f"embedded default prior: stage {tag}prior:{p} of {where}"},
+                      "description": f"embedded default prior: stage prior:{p} of {where}"},
             "dtok": {"module": self.dtok_module(), "extends": toks[cache["dtok"]]["preset"],
                      "description": f"embedded default dtok: stage tok:{cache['dtok']} of {where}"},
             "backbone": {"module": backbone, "head": head, "extends": c["backbone"],
-                         "head_extends": c["backbone"], "params": c.get("overrides", {}),
+                         "head_extends": c.get("head", c["backbone"]),
+                         "params": c.get("overrides", {}),
                          "sampling": {**_sampling(backbone), "temperature": self.best(
                              f"fig7__{self.discons[0]}", "temperature")},
-                         "description": f"embedded default DisCon: stage {tag}cont:{name} of {where}"},
+                         "description": f"embedded default DisCon: stage cont:{name} of {where}"},
             "ctok": {"module": ctok, "extends": toks[cache["ctok"]]["preset"],
                      "description": f"embedded default ctok: stage tok:{cache['ctok']} of {where} "
                                     "(latent statistics folded into the weights)"},
@@ -821,7 +945,8 @@ class Study:
 
     def runnable(self) -> tuple[list[str], list[str]]:
         todo = [s for s in self.stages if not self.is_done(s)]
-        ready = [s for s in todo if all(self.is_done(d) for d in self.stages[s].deps)]
+        ready = sorted((s for s in todo if all(self.is_done(d) for d in self.stages[s].deps)),
+                       key=lambda s: self.stages[s].tier)  # stable: config order within a tier
         return todo, ready
 
     def claim(self, stage: str) -> bool:
@@ -895,10 +1020,6 @@ def raw_weights(ckpt: Path) -> Path:
     return raw
 
 
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    return images.float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
-
-
 def n_params(*modules) -> int:
     return sum(p.numel() for m in modules for p in m.parameters())
 
@@ -933,9 +1054,19 @@ def main(argv: list[str] | None = None) -> int:
         torch.set_num_threads(int(cfg.get("threads") or os.cpu_count()))
         check_presets(cfg)
         study = Study(cfg, args.device)
-        if args.list:
+        if args.list:  # with each finished stage's wall time, and the sums by stage kind
+            walls: dict[str, float] = {}
             for s in study.stages:
-                print(("done  " if study.is_done(s) else "todo  ") + s)
+                done = study.is_done(s)
+                wall = json.loads(study.marker(s).read_text()).get("wall_s", 0.0) if done else None
+                if done:
+                    walls[s.split(":")[0]] = walls.get(s.split(":")[0], 0.0) + wall
+                print(("done  " if done else "todo  ") + s
+                      + (f"  {wall:.0f} s" if wall is not None else ""))
+            if walls:
+                print("wall time of the finished stages (worker-seconds): " + ", ".join(
+                    f"{k} {v / 60:.0f} min" for k, v in walls.items())
+                    + f"; total {sum(walls.values()) / 3600:.2f} h")
             return 0
         if args.export_default:
             print(json.dumps(study.export_default(), indent=1))

@@ -27,8 +27,7 @@ import torch
 from discon_core import build
 from discon_core.checkpoints import save_atomic
 from discon_plugins.datasets import FashionMNIST
-from discon_core.images import save_grid
-from discon_plugins.autoencoder import psnr
+from discon_core.images import psnr, save_grid
 from discon_plugins.kl_vae import compute_latents_stats, save_latents_stats
 
 KINDS = {"maskgit-vq-tiny": "dtok", "va-vae-tiny": "ctok", "ldm-kl-tiny": "ctok"}

@@ -1,4 +1,4 @@
-"""Image files: PNG grids and single PNGs from ``[B,3,H,W]`` tensors in ``[0,1]``."""
+"""Images as tensors ``[B,3,H,W]`` in ``[0,1]``: uint8 conversion, PSNR, PNG grids and files."""
 from __future__ import annotations
 
 import math
@@ -10,10 +10,22 @@ import torch
 from PIL import Image
 
 
+def uint8_tensor(images: torch.Tensor) -> torch.Tensor:
+    """[B,C,H,W] float in [0,1] -> uint8 [B,C,H,W] on the CPU, rounding to nearest (what the
+    evaluation scores and what a PNG holds)."""
+    return images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8).cpu()
+
+
 def to_uint8(images: torch.Tensor) -> np.ndarray:
-    """[B,3,H,W] float in [0,1] -> uint8 [B,H,W,3], rounding to nearest."""
-    x = images.detach().float().clamp(0, 1).mul(255).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).cpu().numpy()
+    """[B,3,H,W] float in [0,1] -> uint8 [B,H,W,3] array (image files)."""
+    return uint8_tensor(images).permute(0, 2, 3, 1).numpy()
+
+
+def psnr(reference: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
+    """Per-image PSNR in dB of ``images`` against ``reference`` (both ``[B,C,H,W]`` in [0,1];
+    ``images`` clamped to it first, as they would be displayed)."""
+    mse = (reference.float() - images.float().clamp(0, 1)).pow(2).flatten(1).mean(1)
+    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
 def make_grid(images: torch.Tensor, nrow: int | None = None, pad: int = 2) -> np.ndarray:

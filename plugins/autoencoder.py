@@ -336,7 +336,3 @@ def check_images(images: torch.Tensor, *, channels: int, downsample: int, what: 
                               "from uint8 with x/255)")
 
 
-def psnr(reference: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR in dB of ``images`` against ``reference`` (both ``[B,C,H,W]`` in [0,1])."""
-    mse = (reference.float() - images.float().clamp(0, 1)).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))

@@ -39,7 +39,7 @@ from typing import Any
 import torch
 
 from discon_core import cli
-from discon_core.checkpoints import save_atomic, sha256_of
+from discon_core.checkpoints import save_atomic, sha256_of, verify_sha256
 from discon_core.config import read_json
 from discon_core.errors import DisconError
 from discon_core.hooks import hookimpl
@@ -102,10 +102,12 @@ def encode_batch(images: torch.Tensor, dtok, ctok) -> tuple[torch.Tensor, torch.
 def build_cache(data: Mapping[str, Any], out: str | os.PathLike, *, dtok: str,
                 ctok: str, dtok_checkpoint: str | None = None, ctok_checkpoint: str | None = None,
                 shard_size: int = 1000, batch_size: int = 64, device: str | None = None,
-                dtype: str | torch.dtype = "auto", seed: int = 0, progress: bool = True) -> Path:
+                dtype: str | torch.dtype = "auto", seed: int = 0, progress: bool = True,
+                dtok_overrides: Mapping[str, Any] | None = None) -> Path:
     """Pre-tokenize the dataset ``data`` (a :func:`discon_core.data.build_dataset` mapping) into
     ``out``; resumable and torchrun-parallel. Returns the manifest path. ``dtype`` is the
-    tokenizers' (``build(dtype=)``; the manifest records it, a resume must match it).
+    tokenizers' (``build(dtype=)``; the manifest records it, a resume must match it);
+    ``dtok_overrides``: preset parameters of the dtok (e.g. another ``codebook_size``).
 
     Stages: plan (tokenizers, dataset, shard layout) and check it against an existing manifest;
     each rank writes its missing shards; rank 0 gathers the sidecars into the final manifest."""
@@ -123,7 +125,8 @@ def build_cache(data: Mapping[str, Any], out: str | os.PathLike, *, dtok: str,
     rank, world, dev = setup_distributed(device)
     dataset = build_dataset(data)
     torch.manual_seed(seed)  # random-init tokenizers (tests) must agree across ranks too
-    dt = build("dtok", dtok, checkpoint=dtok_checkpoint, device=dev, dtype=dtype).eval()
+    dt = build("dtok", dtok, checkpoint=dtok_checkpoint, device=dev, dtype=dtype,
+               **(dtok_overrides or {})).eval()
     ct = build("ctok", ctok, checkpoint=ctok_checkpoint, device=dev, dtype=dtype).eval()
     if not hasattr(ct, "encode_moments"):
         raise DisconError(f"ctok {ctok!r} has no encode_moments(); the cache stores raw "
@@ -244,9 +247,8 @@ def load_shard(path: Path, sha256: str | None) -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise DisconError(f"cache shard {path} is missing; rerun `discon cache` with the same "
                           "arguments to rebuild it")
-    if sha256 is not None and sha256_of(path) != sha256:
-        raise DisconError(f"cache shard {path} is corrupt (sha256 differs from the manifest); "
-                          f"delete it and its .json sidecar and rerun `discon cache` to rebuild it")
+    verify_sha256(path, sha256, f"cache shard {path}",
+                  fix="delete it and its .json sidecar and rerun `discon cache` to rebuild it")
     try:
         return load_file(str(path))
     except (SafetensorError, OSError, ValueError) as e:

@@ -33,6 +33,7 @@ import torch
 
 from discon_core import cli, hooks
 from discon_core.errors import DisconError, close_matches
+from discon_core.images import psnr, uint8_tensor
 from discon_core.hooks import hookimpl
 from discon_core.runtime import check_output_dir, resolve_device
 from discon_plugins import pixel_stats
@@ -398,12 +399,6 @@ def statistics(features: torch.Tensor) -> dict[str, np.ndarray]:
     return {"mu": f.mean(0), "sigma": np.cov(f, rowvar=False)}
 
 
-def psnr(reference: torch.Tensor, images: torch.Tensor) -> torch.Tensor:
-    """Per-image PSNR (dB) of images against reference, both [B,C,H,W] in [0,1]."""
-    mse = (images.float() - reference.float()).pow(2).flatten(1).mean(1)
-    return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
-
-
 def compute(gen: EvalInput, ref: EvalInput, extractor, metrics: list[str] | None = None, *,
             device: torch.device | str = "cpu", batch_size: int = 64, kid_subset_size: int = 1000,
             kid_subsets: int = 100, prc_neighborhood: int = 3, seed: int = 2020,
@@ -498,7 +493,7 @@ def reconstruct(tokenizer, inp: EvalInput, *, device, batch_size: int = 64,
     for batch in tqdm(loader, desc="reconstruct", unit="batch", disable=not progress):
         x = batch.to(device).float() / 255
         y = tokenizer.decode(tokenizer.encode(x)).float().clamp(0, 1)
-        recon.append(y.mul(255).round().to(torch.uint8).cpu())
+        recon.append(uint8_tensor(y))
         scores.append(psnr(x, y).cpu())
     out = EvalInput(f"reconstructions of {inp.source}", images=TensorImages(torch.cat(recon)))
     return out, float(torch.cat(scores).mean())

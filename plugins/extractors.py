@@ -35,13 +35,11 @@ INCEPTION_SHA256 = "7ff4a85c3a6378f0dfc8433ffd789663b01176bec0a683a435651739c091
 
 
 def _check_sha256(path: Path, expected: str, what: str) -> None:
-    from discon_core.checkpoints import sha256_of
+    from discon_core.checkpoints import verify_sha256
     if not path.is_file():
         raise DisconError(f"{what}: weights file {path} is missing")
-    got = sha256_of(path)
-    if got != expected:
-        raise DisconError(f"{what}: weights file {path} has sha256 {got}, expected {expected} "
-                          "(corrupt or replaced; reinstall discon or retrain it)")
+    verify_sha256(path, expected, f"{what}: weights file {path}",
+                  fix="reinstall discon (or the package that ships it) or retrain it")
 
 
 # ------------------------------------------------------------------------------------------------

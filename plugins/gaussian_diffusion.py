@@ -76,6 +76,24 @@ def space_timesteps(num_steps: int, spacing: str | int) -> list[int]:
     return sorted(set(steps))
 
 
+# the schedule's coefficients one reverse step reads (GaussianDiffusion attributes)
+REVERSE_COEFS = ("log_betas", "posterior_log_variance_clipped", "sqrt_recip_alphas_cumprod",
+                 "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2")
+
+
+def reverse_step(out: torch.Tensor, x: torch.Tensor, c) -> tuple[torch.Tensor, ...]:
+    """The reverse-step Gaussian from the network output ``[M, 2D]`` (eps, variance value) at
+    ``x [M, D]``: (mean, log_variance, pred_xstart). ``c`` maps ``REVERSE_COEFS`` to the
+    schedule's values at the step: scalars (one step for all rows, the sampler) or ``[M, 1]``
+    (a step per row, the training loss)."""
+    eps, var_values = out.split(x.shape[-1], dim=-1)
+    frac = (var_values + 1) / 2  # LEARNED_RANGE: interpolate between the two log-variances
+    log_variance = frac * c["log_betas"] + (1 - frac) * c["posterior_log_variance_clipped"]
+    pred_xstart = c["sqrt_recip_alphas_cumprod"] * x - c["sqrt_recipm1_alphas_cumprod"] * eps
+    mean = c["posterior_mean_coef1"] * pred_xstart + c["posterior_mean_coef2"] * x
+    return mean, log_variance, pred_xstart
+
+
 class GaussianDiffusion:
     """One (possibly respaced) cosine diffusion process.
 
@@ -143,14 +161,8 @@ class GaussianDiffusion:
                                     t: torch.Tensor) -> dict[str, torch.Tensor]:
         """Network output ``[M, 2D]`` (eps, variance value) at respaced steps ``t`` -> the
         reverse-step Gaussian: mean, variance, log_variance, pred_xstart (each [M, D])."""
-        eps, var_values = out.split(x.shape[-1], dim=-1)
-        min_log = self._at(self.posterior_log_variance_clipped, t)
-        max_log = self._at(self.log_betas, t)
-        frac = (var_values + 1) / 2  # LEARNED_RANGE: interpolate between the two log-variances
-        log_variance = frac * max_log + (1 - frac) * min_log
-        pred_xstart = self._at(self.sqrt_recip_alphas_cumprod, t) * x - \
-            self._at(self.sqrt_recipm1_alphas_cumprod, t) * eps
-        mean, _ = self.q_posterior_mean(pred_xstart, x, t)
+        mean, log_variance, pred_xstart = reverse_step(
+            out, x, {name: self._at(getattr(self, name), t) for name in REVERSE_COEFS})
         return {"mean": mean, "variance": log_variance.exp(), "log_variance": log_variance,
                 "pred_xstart": pred_xstart}
 

@@ -38,6 +38,7 @@ from discon_core import cli, hooks
 from discon_core.checkpoints import save_atomic
 from discon_core.errors import DisconError, close_matches
 from discon_core.hooks import hookimpl
+from discon_core.images import to_uint8
 from discon_core.runtime import output_dir, resolve_device
 
 MAX_RUN_IMAGES = 50_000  # an FID-50k set; run keeps every image in memory
@@ -362,7 +363,7 @@ def write_samples(generate: Callable[[torch.Tensor, torch.Generator], torch.Tens
         if images.shape[0] != len(lab) or not torch.isfinite(images).all():
             raise DisconError(f"batch {k}: the pipeline returned {list(images.shape)} images "
                               "(non-finite values or a wrong count)")
-        arr = images.clamp(0, 1).mul(255).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        arr = to_uint8(images)
         for i, a in enumerate(arr):
             Image.fromarray(a).save(out / "images" / f"img_{k * batch_size + i:06d}.png")
         save_atomic({"arr_0": arr, "arr_1": lab.numpy()}, parts / f"batch-{k:06d}.npz")

@@ -35,7 +35,7 @@ from discon_core.errors import DisconError
 from discon_core.hooks import hookimpl
 
 from .attention import Linear, modulate
-from .gaussian_diffusion import NUM_TRAIN_STEPS, GaussianDiffusion
+from .gaussian_diffusion import NUM_TRAIN_STEPS, REVERSE_COEFS, GaussianDiffusion, reverse_step
 from .mar import takes_official_args
 
 FREQ_DIM = 256
@@ -287,20 +287,14 @@ class DiffusionHead(nn.Module):
         times = diff.timestep_map.flip(0).to(device=z.device, dtype=torch.float32)
         mods = StepConditioner(self.net, times, z)
         f32 = dict(dtype=torch.float32, device=z.device)
-        coef = {name: getattr(diff, name).to(**f32) for name in (
-            "posterior_log_variance_clipped", "log_betas", "sqrt_recip_alphas_cumprod",
-            "sqrt_recipm1_alphas_cumprod", "posterior_mean_coef1", "posterior_mean_coef2")}
+        coef = {name: getattr(diff, name).to(**f32) for name in REVERSE_COEFS}
         d = self.token_dim
         for i, k in enumerate(range(k_total - 1, -1, -1)):
             x_in = torch.cat([x[: m // 2]] * 2) if cfg_scale != 1.0 else x
             out = self.net.forward_modulated(x_in.to(z.dtype), mods(i)).to(state)
             if cfg_scale != 1.0:
                 out = _guide(out, d, cfg_scale)
-            eps, var_values = out[:, :d], out[:, d:]
-            frac = (var_values + 1) / 2
-            log_var = frac * coef["log_betas"][k] + (1 - frac) * coef["posterior_log_variance_clipped"][k]
-            pred_x0 = coef["sqrt_recip_alphas_cumprod"][k] * x - coef["sqrt_recipm1_alphas_cumprod"][k] * eps
-            mean = coef["posterior_mean_coef1"][k] * pred_x0 + coef["posterior_mean_coef2"][k] * x
+            mean, log_var, _ = reverse_step(out, x, {n: v[k] for n, v in coef.items()})
             noise = _randn(x.shape, x, generator)
             x = mean + torch.exp(0.5 * log_var) * noise * temperature if k != 0 else mean
         return x.to(z.dtype)

@@ -31,6 +31,7 @@ from collections.abc import Callable
 from types import SimpleNamespace
 
 import torch
+from einops import rearrange
 from torch import nn
 
 from discon_core.errors import DisconError
@@ -136,18 +137,13 @@ class MAR(nn.Module):
     # -- token layout ---------------------------------------------------------------------------
     def patchify(self, latents: torch.Tensor) -> torch.Tensor:
         """[B, C, H, W] -> [B, N, C*p*p] (raster order; channel index slowest within a token)."""
-        b, c, h, w = latents.shape
         p = self.patch_size
-        x = latents.reshape(b, c, h // p, p, w // p, p)
-        x = torch.einsum("nchpwq->nhwcpq", x)
-        return x.reshape(b, (h // p) * (w // p), c * p * p)
+        return rearrange(latents, "b c (h p) (w q) -> b (h w) (c p q)", p=p, q=p)
 
     def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
         """[B, N, C*p*p] -> [B, C, h*p, w*p]."""
-        b, p, c = x.shape[0], self.patch_size, self.vae_embed_dim
-        x = x.reshape(b, self.seq_h, self.seq_w, c, p, p)
-        x = torch.einsum("nhwcpq->nchpwq", x)
-        return x.reshape(b, c, self.seq_h * p, self.seq_w * p)
+        p = self.patch_size
+        return rearrange(x, "b (h w) (c p q) -> b c (h p) (w q)", h=self.seq_h, p=p, q=p)
 
     # -- public forward -------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, mask: torch.Tensor, labels: torch.Tensor,

@@ -27,7 +27,8 @@ from torch import nn
 
 from discon_core.errors import DisconError
 from discon_core.hooks import hookimpl
-from discon_plugins.autoencoder import MASKGIT, Decoder, Encoder, check_images, check_widths, psnr
+from discon_plugins.autoencoder import MASKGIT, Decoder, Encoder, check_images, check_widths
+from discon_core.images import psnr
 
 REC_LOSSES = ("mse", "l1")
 

@@ -31,13 +31,31 @@ def write_config(tmp_path: Path, **changes) -> Path:
     return path
 
 
-def test_shipped_config_checks_and_lists_its_stages(capsys):
+def test_shipped_config_checks_and_lists_its_stages(capsys, monkeypatch):
     assert reproduce.main([str(CONFIG), "--list"]) == 0
     stages = [line.split()[1] for line in capsys.readouterr().out.splitlines()]
     for s in ("tok:dtok", "cache:va-vae", "cont:mar-s", "cont:discon-m", "prior:rar-l",
+              "cont:discon-m:s1", "prior:rar-l:s1", "tokens:rar-l:1:1000",
               "eval:table2:mar-m:1", "eval:table3:rar-s:dtok:0", "eval:fig6:discon-s:64",
-              "eval:fig7:discon-s-kl:0.7", "eval:fig8:mar-s:2000", "eval:rfid:ldm-kl"):
+              "eval:fig7:discon-s-kl:0.7", "eval:fig8:mar-s:1500", "eval:rfid:ldm-kl",
+              "cont:discon-s+flow-head", "eval:ablation:base", "eval:ablation:head-ddim50",
+              "tok:dtok-k16", "cache:va-vae-k16", "cont:discon-s-k16", "eval:codebook:128",
+              "eval:inception:rar-l:dtok"):
         assert s in stages
+    # the ablation's and the sweep's models are not table rows; one training seed each
+    assert "cont:discon-s-k16:s1" not in stages and "eval:rfid:dtok-k16" not in stages
+    study = reproduce.Study(reproduce.load_config(str(CONFIG)))
+    monkeypatch.setattr(study, "_ctok_overrides", lambda cache: {})  # no cache built here
+    assert study.discons == ["discon-s", "discon-m"] and study.mars == ["mar-s", "mar-m"]
+    # seed 1 trains its own copy (another folder and seed); the table row samples that copy
+    assert study.cont_cfg("discon-m", 1).seed == study.cont_cfg("discon-m").seed + 1
+    assert study.cont_dir("discon-m", 1).name == "discon-m-s1"
+    assert "cont:discon-m:s1" in study.stages["eval:table3:rar-l:discon-m:1"].deps
+    # sweeps are scored on validation, the table rows on test
+    assert study.stages["eval:fig7:discon-s:0.5"].settings["split"] == "val"
+    flow = study.cont_cfg("discon-s+flow-head").components["head"]
+    assert flow["preset"] == "discon-tiny-flow" and flow["overrides"]["diffloss_w"] == 64
+    assert study.cont_cfg("discon-s-k16").components["dtok"]["overrides"] == {"codebook_size": 16}
 
 
 @pytest.mark.parametrize("change, message", [
@@ -63,30 +81,39 @@ def test_quick_profile_end_to_end(tmp_path, capsys):
     for stem in ("eval__table2__mar-s__0", "eval__table3__rar-l__discon-m__0",
                  "eval__table3__rar-s__dtok__0", "eval__fig6__discon-s__16",
                  "eval__fig7__discon-s-kl__1.0", "eval__fig8__mar-s__10", "eval__rfid__va-vae",
-                 "eval__bf16_check", "eval__figures", "eval__long__discon-m__40__raw",
-                 "eval__warm__rar-l__dtok__0", "eval__warm__rar-l__discon-m__0"):
+                 "eval__bf16_check", "eval__figures", "eval__ablation__base",
+                 "eval__ablation__head-w128", "eval__ablation__half-training",
+                 "eval__codebook__16", "eval__codebook__128"):
         assert stem in rows, stem
-    # past the schedule: the continued run's kept step, scored with its raw weights
-    assert rows["eval__long__discon-m__30__ema"]["settings"]["step"] == 30
-    assert rows["eval__long__discon-m__20__raw"]["settings"]["weights"] == "raw"
-    # the EMA warmup check: its own prior, tokens and DisCon, trained with ema_warmup
-    assert rows["eval__warm__rar-l__discon-m__0"]["settings"]["ema_warmup"] is True
-    warm_cfg = yaml.safe_load((tmp_path / "study_quick" / "warm" / "cont" / "discon-m" /
-                               "config.yaml").read_text())
-    assert warm_cfg["ema_warmup"] is True
+    # choices on the validation split, table rows on test, each with its pixel statistics
+    assert rows["eval__fig7__discon-s__1.0"]["split"] == "val"
+    assert rows["eval__mar_cfg__mar-s__1.0"]["split"] == "val"
     row = rows["eval__table3__rar-l__discon-m__0"]
+    assert row["split"] == "test" and "black" in row["pixels"] and "pass" in row["pixel_check"]
     assert row["N"] == 40 and row["extractor"] == "fmnist" and 0 <= row["class_accuracy"] <= 1
+    # the ablation: oracle and end-to-end scores per row; a sampled row on a kept checkpoint
+    abl = rows["eval__ablation__half-training"]
+    assert abl["settings"]["step"] == 10 and abl["oracle"]["fid"] > 0 and abl["e2e"]["fid"] > 0
+    assert rows["eval__ablation__head-w128"]["params"] > rows["eval__ablation__base"]["params"]
+    # the codebook sweep: the 16-code dtok and its DisCon, the three decodes of the same images
+    cb = rows["eval__codebook__16"]
+    assert cb["settings"]["model"] == "discon-s-k16" and set(cb["rows"]) == {
+        "dtok_reconstruction", "ctok_reconstruction", "discon_from_true_tokens"}
+    assert yaml.safe_load((tmp_path / "study_quick" / "tok" / "dtok-k16" / "config.yaml")
+                          .read_text())["steps"] == 20  # the quick schedule, not the sweep's
+    for cfg_yaml in ("cont/discon-m/config.yaml", "prior/rar-l/config.yaml"):
+        assert yaml.safe_load((tmp_path / "study_quick" / cfg_yaml).read_text())["ema_warmup"]
     assert row["fid"] > 0 and row["sec_per_img"] > row["sec_per_img_prior"] > 0
     assert rows["eval__table2__mar-s__0"]["settings"]["ar_steps"] == 64
     # rendering: tables, plots and the claims, kept beside the quick results
     assert reproduce.main([str(path), "--quick", "--render"]) == 0
     md = (results / "RESULTS.md").read_text()
     for text in ("Table 2 analogue", "Table 3 analogue", "rFID", "The paper's claims",
-                 "Past the schedule", "The EMA warmup check"):
+                 "Closing the oracle gap", "codebook size", "validation split"):
         assert text in md
     for png in ("fig6_fid_vs_ar_steps.png", "fig7_fid_vs_temperature.png",
                 "fig8_fid_vs_epochs.png", "fig2_discrete_vs_discon.png", "fig5_ar_steps.png",
-                "fig8_fid_past_schedule.png"):
+                "fig_codebook_size.png"):
         assert (results / png).is_file()
     # a rerun finds every stage done
     capsys.readouterr()

@@ -7,7 +7,7 @@ import torch
 
 from discon_core.errors import DisconError
 from discon_plugins.autoencoder import (LDM, MASKGIT, AttnBlock, Decoder, Encoder, ResnetBlock,
-                                        check_images, check_widths, psnr)
+                                        check_images, check_widths)
 
 
 def _keys(module: torch.nn.Module) -> list[str]:
@@ -108,10 +108,5 @@ def test_check_images_errors(images, match):
         check_images(images, channels=3, downsample=4, what="test encode")
 
 
-def test_check_images_accepts_valid_and_psnr():
-    x = torch.rand(2, 3, 8, 8)
-    check_images(x, channels=3, downsample=4, what="test")
-    assert psnr(x, x).min() >= 99
-    noisy = (x + 0.1).clamp(0, 1)
-    expected = 10 * torch.log10(1 / (x - noisy).pow(2).flatten(1).mean(1))
-    torch.testing.assert_close(psnr(x, noisy), expected)
+def test_check_images_accepts_valid():
+    check_images(torch.rand(2, 3, 8, 8), channels=3, downsample=4, what="test")

@@ -67,10 +67,10 @@ def test_training_losses_and_reverse_step(fx):
 def test_temperature_zero_chains(fx):
     head, i, o, _, _ = fx
     out = head.sample(i["sample_z_cond"], temperature=0.0, noise=i["sample_noise"])
-    close(out, o["sample_T0_cfg1"], atol=1e-2)
+    assert_chain_close(out, o["sample_T0_cfg1"])  # values reach ~600: AVX2 rounding drifts 6e-4
     z = torch.cat([i["sample_z_cond"], i["sample_z_uncond"]])
     out = head.sample(z, temperature=0.0, cfg_scale=3.0, noise=torch.cat([i["sample_noise"]] * 2))
-    close(out[:6], o["sample_T0_cfg3"], atol=1e-2)
+    assert_chain_close(out[:6], o["sample_T0_cfg3"])
 
 
 def test_seeded_chains_consume_rng_like_the_reference(fx):
