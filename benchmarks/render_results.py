@@ -383,15 +383,28 @@ def render(study) -> str:
 
 def claims(rows, table2, table3, mars, discons, prior, cfg) -> list[str]:
     out = []
+    dtok = next(iter(cfg["caches"].values()))["dtok"]
+    rq, rqi = rows.get(f"eval:rfid:{dtok}"), rows.get(f"eval:rfid_inception:{dtok}")
+    for name, t in cfg["tokenizers"].items():
+        r, ri = rows.get(f"eval:rfid:{name}"), rows.get(f"eval:rfid_inception:{name}")
+        if t["kind"] != "ctok" or not (r and rq and "black" in r.get("pixels", {})):
+            continue
+        black = r["pixels"]["black"]
+        ok = (abs(black["value"] - black["reference"]) <= 0.05 and r["fid"] < rq["fid"]
+              and (ri is None or rqi is None or ri["fid"] < rqi["fid"]))
+        inc = (f", Inception rFID {ri['fid']:.2f} vs {rqi['fid']:.2f}" if ri and rqi else "")
+        out.append(f"The continuous tokenizer {name} keeps the black background (within 5 points) "
+                   f"and reconstructs better than the dtok: **{'yes' if ok else 'no'}**, black "
+                   f"{black['value']:.3f} vs {black['reference']:.3f} in the data, rFID "
+                   f"{r['fid']:.2f} vs {rq['fid']:.2f}{inc}.")
     t2 = dict(table2)
     for m, d in zip(mars, discons):
         fm, fd = mean(t2.get(m, []), "fid"), mean(t2.get(d, []), "fid")
         if fm is None or fd is None:
             continue
         sm, sd = mean(t2[m], "sec_per_img"), mean(t2[d], "sec_per_img")
-        verdict = "yes" if fd < fm else "no"
         out.append(f"Conditioning lowers gFID at equal continuous-model size ({m} vs {d}): "
-                   f"**{verdict}**, {fm:.2f} -> {fd:.2f} (mean of seeds). DisCon at 16 steps "
+                   f"**{'yes' if fd < fm else 'no'}**, {fm:.2f} -> {fd:.2f} (mean of seeds). DisCon at 16 steps "
                    f"(prior included) takes {sd:.4f} s/img against MAR's {sm:.4f} s/img at 64 "
                    f"steps ({sm / sd:.2f}x faster).")
     for d in discons:
@@ -416,6 +429,12 @@ def claims(rows, table2, table3, mars, discons, prior, cfg) -> list[str]:
                        f"N = {inc_d['N']:,} vs all test images): "
                        f"**{'yes' if inc_d['fid'] < inc_q['fid'] else 'no'}**, FID "
                        f"{inc_q['fid']:.2f} (dtok) vs {inc_d['fid']:.2f} (DisCon).")
+        if d == discons[-1] and inc_d and inc_q and fd is not None and fq is not None:
+            ship = (fd <= 0.85 * fq and inc_d["fid"] <= 0.85 * inc_q["fid"] and ad >= aq)
+            out.append(f"Ship {d} as the embedded default (FID <= 0.85x the discrete decode's in "
+                       "both extractors, class accuracy no lower): "
+                       f"**{'yes' if ship else 'no'}** (fmnist {fd / fq:.2f}x, Inception "
+                       f"{inc_d['fid'] / inc_q['fid']:.2f}x, class accuracy {ad:.3f} vs {aq:.3f}).")
     cb = sorted((r for k, r in rows.items() if k.startswith("eval:codebook:")),
                 key=lambda r: r["codebook_size"])
     if len(cb) >= 2:
