@@ -234,24 +234,31 @@ def render(study) -> str:
              (["base"] + list(abl["trained"]) + list(abl["sampled"]) if abl else [])]
     if any(r for _, r in arows):
         w("### Closing the oracle gap: one lever per row\n")
+        base_steps = {**cfg["continuous_train"], **conts[abl["base"]].get("train", {})}["steps"]
+        steps_of = {r: conts[f"{abl['base']}+{r}"]["train"].get("steps", base_steps)
+                    for r in abl["trained"]}
+        steps_of.update({r: kw.get("step") or base_steps for r, kw in abl["sampled"].items()})
         w(f"`{abl['base']}` (its chosen temperature, 16 AR steps) and one change per row: *trained* rows "
-          "retrain it with that change, *sampled* rows sample it another way. Oracle: given the "
+          "retrain it with that change, *sampled* rows sample it another way. Compare rows of "
+          "equal training steps (a trained row trained for fewer steps than the base compares "
+          "with the base's own checkpoint at that step, a sampled row). Oracle: given the "
           f"true discrete tokens of {ev['sweep_num']} validation images; end to end: given "
           f"`{best_prior}`'s sweep tokens (seed 0). Both against the validation split. "
           "s/img: the continuous stage alone (batch "
           f"{ev['batch_size']}, one thread).\n")
-        w("| row | what changed | oracle FID | oracle class acc. | e2e FID | e2e class acc. | "
-          "black px | s/img | params |")
-        w("|---|---|---|---|---|---|---|---|---|")
+        w("| row | what changed | training steps | oracle FID | oracle class acc. | e2e FID | "
+          "e2e class acc. | black px | s/img | params |")
+        w("|---|---|---|---|---|---|---|---|---|---|")
         for r, v in arows:
             change = ("-" if r == "base" else
                       "trained: " + json.dumps(abl["trained"][r], sort_keys=True)
                       if r in abl["trained"] else "sampled: " + json.dumps(abl["sampled"][r]))
+            steps = fmt(steps_of.get(r, base_steps))
             if v is None:
-                w(f"| {r} | {change} | - | - | - | - | - | - | - |")
+                w(f"| {r} | {change} | {steps} | - | - | - | - | - | - | - |")
                 continue
             o, e = v["oracle"], v["e2e"]
-            w(f"| {r} | {change.replace('|', '/')} | {fmt(o['fid'])} | "
+            w(f"| {r} | {change.replace('|', '/')} | {steps} | {fmt(o['fid'])} | "
               f"{fmt(o['class_accuracy'], 3)} | {fmt(e['fid'])} | {fmt(e['class_accuracy'], 3)} | "
               f"{fmt(e.get('black'), 3)} | {fmt(v['sec_per_img_continuous'], 4)} | "
               f"{fmt(v['params'])} |")
@@ -265,8 +272,14 @@ def render(study) -> str:
     fcb = None
     if cb:
         w("### Beyond the paper: the discrete tokenizer's codebook size\n")
-        w(f"The dtok retrained with each codebook size, a `{cfg['codebook_sweep']['continuous']}` "
-          f"trained on each; the true tokens of {cb[0]['N']} validation images decoded by the "
+        c = cfg["codebook_sweep"]
+        main_steps = cfg["tokenizers"][c["dtok"]]["train"]["steps"]
+        w(f"The dtok retrained with each codebook size ({c.get('steps') or main_steps} steps; the "
+          f"main {study.dtok_codebook(conts[c['continuous']]['cache'])}-code dtok: {main_steps}), "
+          f"a `{c['continuous']}` trained on each"
+          + (f" for {c['cont_steps']} steps (the main size: its checkpoint at that step)"
+             if c.get("cont_steps") else "")
+          + f"; the true tokens of {cb[0]['N']} validation images decoded by the "
           "dtok, completed by DisCon, and the same images through the ctok (validation split).\n")
         w("| codes | dtok decode FID | DisCon FID | ctok reconstruction FID | DisCon / dtok |")
         w("|---|---|---|---|---|")

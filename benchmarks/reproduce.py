@@ -54,6 +54,7 @@ SAMPLED_KEYS = {"temperature", "ar_steps", "head_steps", "step"}   # ablation ro
 SELECT, REPORT = "val", "test"
 LAST = "checkpoint-last.pth"
 TIERS = {None: 0, "ablation": 2, "codebook": 3}  # stage tiers by role (Stage.tier)
+INCEPTION_TIER = 4
 
 
 def say(msg: str) -> None:
@@ -85,8 +86,12 @@ def quick_profile(cfg: dict) -> dict:
                                              if kk != "steps"}}
                           for k, v in list(abl["trained"].items())[:1]}
         abl["sampled"] = {"half-training": {"step": 10}}
+        if "steps" in abl:
+            abl["steps"] = 10
     if cfg.get("codebook_sweep"):  # one more codebook size, at the tokenizers' quick steps
         cfg["codebook_sweep"].update(sizes=cfg["codebook_sweep"]["sizes"][:1], steps=20)
+        if cfg["codebook_sweep"].get("cont_steps"):
+            cfg["codebook_sweep"]["cont_steps"] = 10
     cfg["eval"].update(num=40, sweep_num=20, seeds=[0], batch_size=20, prior_cfg_sweep=[1.0, 2.0],
                        mar_cfg_sweep=[1.0, 2.0], ar_steps_sweep=[1, 16],
                        temperature_sweep=[1.0], inception_num=0, rfid_num=1000)
@@ -98,7 +103,7 @@ def expand(cfg: dict, path: str) -> dict:
     ``ablation`` / ``codebook``: trained like any other, kept out of the tables' roles)."""
     abl, cb = cfg.get("ablation"), cfg.get("codebook_sweep")
     if abl:
-        check_keys(abl, {"base", "trained", "sampled"}, f"study config {path}: ablation")
+        check_keys(abl, {"base", "steps", "trained", "sampled"}, f"study config {path}: ablation")
         base = abl["base"]
         if base not in cfg["continuous"]:
             raise DisconError(f"study config {path}: ablation.base {base!r} is not one of "
@@ -110,11 +115,16 @@ def expand(cfg: dict, path: str) -> dict:
             cfg["continuous"][f"{base}+{row}"] = {
                 **b, **{k: v for k, v in change.items() if k not in ("overrides", "train")},
                 "overrides": {**b.get("overrides", {}), **change.get("overrides", {})},
-                "train": {**b.get("train", {}), **change.get("train", {})}, "role": "ablation"}
+                # `steps`: the trained rows' shorter schedule (compare them with the base's
+                # checkpoint at that step, a sampled row)
+                "train": {**b.get("train", {}), **({"steps": int(abl["steps"])} if "steps" in abl
+                                                   else {}), **change.get("train", {})},
+                "role": "ablation"}
         for row, change in abl["sampled"].items():
             check_keys(change, SAMPLED_KEYS, f"study config {path}: ablation.sampled.{row}")
     if cb:
-        check_keys(cb, {"dtok", "continuous", "sizes", "steps"}, f"study config {path}: codebook_sweep")
+        check_keys(cb, {"dtok", "continuous", "sizes", "steps", "cont_steps"},
+                   f"study config {path}: codebook_sweep")
         dtok, base = cb["dtok"], cb["continuous"]
         if dtok not in cfg["tokenizers"] or base not in cfg["continuous"]:
             raise DisconError(f"study config {path}: codebook_sweep names dtok {dtok!r} and "
@@ -131,7 +141,9 @@ def expand(cfg: dict, path: str) -> dict:
             cfg["caches"][cache] = {**cfg["caches"][b["cache"]], "dtok": f"{dtok}-k{k}"}
             cfg["continuous"][f"{base}-k{k}"] = {
                 **b, "cache": cache, "role": "codebook",
-                "overrides": {**b.get("overrides", {}), "cond_vocab_size": int(k)}}
+                "overrides": {**b.get("overrides", {}), "cond_vocab_size": int(k)},
+                **({"train": {**b.get("train", {}), "steps": int(cb["cont_steps"])}}
+                   if cb.get("cont_steps") else {})}
     return cfg
 
 
@@ -215,7 +227,9 @@ class Stage:
     deps: list[str] = field(default_factory=list)
     settings: Any = None          # what the stage's result depends on (its marker records it)
     tier: int = 0                 # ready stages run lowest tier first: the headline seed 0,
-                                  # then the other seeds and Inception, the ablation, the sweep
+                                  # then the other seeds, the ablation, the codebook sweep,
+                                  # Inception (slowest per point); an input takes the lowest
+                                  # tier of the unfinished stages that need it
 
 
 class Study:
@@ -410,7 +424,7 @@ class Study:
                          lambda name=name: self.eval_rfid(name, "inception", ev["inception_num"]),
                          deps=[f"tok:{name}"] + [f"cache:{c}" for c, v in cfg["caches"].items()
                                                  if v["ctok"] == name][:1],
-                         settings={"tok": name, "n": ev["inception_num"]}, tier=1)
+                         settings={"tok": name, "n": ev["inception_num"]}, tier=INCEPTION_TIER)
         # every sweep below is scored on the validation split (SELECT); its choice is used by
         # the table rows, scored once on test (REPORT)
         sel = {"split": SELECT}
@@ -540,11 +554,13 @@ class Study:
             main_k = self.dtok_codebook(cfg["continuous"][cb["continuous"]]["cache"])
             for k in sorted({main_k, *map(int, cb["sizes"])}):
                 model = cb["continuous"] if k == main_k else f"{cb['continuous']}-k{k}"
+                # the main size: the base's checkpoint at the sweep's training length
+                step = cb.get("cont_steps") if k == main_k else None
                 self.add(f"eval:codebook:{k}",
-                         lambda k=k, model=model: self.eval_codebook(k, model, ev["sweep_num"],
-                                                                     **dis_kw()),
-                         deps=[f"cont:{model}"] + dis_deps, settings={"n": ev["sweep_num"], **dsw},
-                         tier=3)
+                         lambda k=k, model=model, step=step: self.eval_codebook(
+                             k, model, ev["sweep_num"], step=step, **dis_kw()),
+                         deps=[f"cont:{model}"] + dis_deps,
+                         settings={"n": ev["sweep_num"], "step": step, **dsw}, tier=3)
         # the bf16 autocast measurement (images/s and final loss vs fp32, one stage)
         self.add("eval:bf16_check", lambda: self.bf16_check(s_dis),
                  deps=[f"cache:{self._id_cache()}"], settings={"steps": 300})
@@ -556,15 +572,15 @@ class Study:
             self.add(f"eval:inception:{mars[-1]}",
                      lambda: self.eval_cont(mars[-1], None, 0, n, extractor="inception",
                                             **mar_kw()),
-                     deps=[f"cont:{mars[-1]}"] + mar_deps, settings={"n": n, **msw}, tier=1)
+                     deps=[f"cont:{mars[-1]}"] + mar_deps, settings={"n": n, **msw}, tier=INCEPTION_TIER)
             self.add(f"eval:inception:{discons[-1]}",
                      lambda: self.eval_cont(discons[-1], best_prior, 0, n, from_n=ev["num"],
                                             extractor="inception", **dis_kw()),
-                     deps=[f"cont:{discons[-1]}", tok] + dis_deps, settings={"n": n, **dsw}, tier=1)
+                     deps=[f"cont:{discons[-1]}", tok] + dis_deps, settings={"n": n, **dsw}, tier=INCEPTION_TIER)
             self.add(f"eval:inception:{best_prior}:dtok",
                      lambda: self.eval_prior_tokens(best_prior, 0, ev["num"], n=n,
                                                     extractor="inception"),
-                     deps=[tok], settings={"n": n, **psw}, tier=1)
+                     deps=[tok], settings={"n": n, **psw}, tier=INCEPTION_TIER)
 
     def best(self, sweep: str, key: str) -> float:
         """The ``settings[key]`` with the lowest FID among the finished ``eval:<sweep>...`` rows
@@ -662,11 +678,12 @@ class Study:
         return {**row, "split": split}   # with pixels + pixel_check against the same split
 
     def write(self, stage: str, row: dict) -> None:
-        from discon_core.checkpoints import save_atomic
+        from discon_core.checkpoints import portable, save_atomic
         row = {"stage": stage, **row, "machine": machine(), "hardware": hardware_record(self.device),
-               "date": time.strftime("%Y-%m-%d")}
+               "date": time.strftime("%Y-%m-%d"),
+               "signature": signature(self.stages[stage].settings)}
         row.pop("sample", None)
-        save_atomic(row, self.result(stage))
+        save_atomic(portable(row), self.result(stage))
 
     def eval_prior_alone(self, p: str, seed: int, n: int, cfg_scale: float) -> None:
         tokens, labels, sec = self.sample_prior(p, seed, n, cfg_scale)
@@ -875,12 +892,13 @@ class Study:
                                    "fid": e2e["fid"], "sec_per_img_continuous": sec,
                                    "settings": settings})
 
-    def eval_codebook(self, k: int, model: str, n: int, temperature: float = 1.0) -> None:
-        rows = self.oracle(model, SELECT, n, temperature=temperature)
+    def eval_codebook(self, k: int, model: str, n: int, temperature: float = 1.0,
+                      step: int | None = None) -> None:
+        rows = self.oracle(model, SELECT, n, temperature=temperature, step=step)
         self.write(self._current, {"codebook_size": k, "N": n, "split": SELECT,
                                    "rows": {r: self.brief(v) for r, v in rows.items()},
                                    "settings": {"model": model, "temperature": temperature,
-                                                "ar_steps": 16}})
+                                                "ar_steps": 16, "step": step}})
 
     @torch.no_grad()
     def eval_rfid(self, name: str, extractor: str = "fmnist", n: int | None = None) -> None:
@@ -937,16 +955,48 @@ class Study:
         return {"files": shas, "megabytes": default_model.size_mb()}
 
     # -- scheduling ----------------------------------------------------------------------------
-    def is_done(self, stage: str) -> bool:
-        m = self.marker(stage)
-        if not m.is_file():
-            return False
-        return json.loads(m.read_text()).get("signature") == signature(self.stages[stage].settings)
+    def record(self, stage: str) -> dict | None:
+        """What a finished stage left: its marker, or (eval stages) its result JSON, when it
+        records the current settings. Results are tracked in git, so a fresh clone of a study
+        whose checkpoints are gone still knows which measurements stand."""
+        sig = signature(self.stages[stage].settings)
+        for path in (self.marker(stage), self.result(stage)):
+            if path.is_file():
+                rec = json.loads(path.read_text())
+                if rec.get("signature") == sig:
+                    return rec
+        return None
 
-    def runnable(self) -> tuple[list[str], list[str]]:
-        todo = [s for s in self.stages if not self.is_done(s)]
+    def is_done(self, stage: str) -> bool:
+        return self.record(stage) is not None
+
+    def runnable(self, only: str | None = None) -> tuple[list[str], list[str]]:
+        """The unfinished stages something still needs (a training whose every measurement
+        stands is not redone) or that ``only`` names, and those among them whose inputs are
+        done."""
+        users: dict[str, list[str]] = {s: [] for s in self.stages}
+        for s, st in self.stages.items():
+            for d in st.deps:
+                users[d].append(s)
+        need: dict[str, bool] = {}
+
+        def needed(s: str) -> bool:
+            if s not in need:
+                need[s] = not self.is_done(s) and (not users[s] or any(map(needed, users[s]))
+                                                   or bool(only and s.startswith(only)))
+            return need[s]
+
+        tiers: dict[str, int] = {}
+
+        def tier(s: str) -> int:  # an input is as urgent as the most urgent stage needing it
+            if s not in tiers:
+                after = [tier(u) for u in users[s] if needed(u)]
+                tiers[s] = min(after) if after else self.stages[s].tier
+            return tiers[s]
+
+        todo = [s for s in self.stages if needed(s)]
         ready = sorted((s for s in todo if all(self.is_done(d) for d in self.stages[s].deps)),
-                       key=lambda s: self.stages[s].tier)  # stable: config order within a tier
+                       key=tier)  # stable: config order within a tier
         return todo, ready
 
     def claim(self, stage: str) -> bool:
@@ -971,7 +1021,7 @@ class Study:
 
     def work(self, only: str | None = None) -> None:
         while True:
-            todo, ready = self.runnable()
+            todo, ready = self.runnable(only)
             pending = list(todo)  # what other workers may be producing
             if only:
                 todo = [s for s in todo if s.startswith(only)]
@@ -995,6 +1045,10 @@ class Study:
                 self._current = stage
                 self.stages[stage].run()
                 wall = time.perf_counter() - t0
+                if self.result(stage).is_file():  # the result carries its cost (--list)
+                    from discon_core.checkpoints import save_atomic
+                    save_atomic({**json.loads(self.result(stage).read_text()), "wall_s": wall},
+                                self.result(stage))
                 m = self.marker(stage)
                 m.parent.mkdir(parents=True, exist_ok=True)
                 m.write_text(json.dumps({"signature": signature(self.stages[stage].settings),
@@ -1057,8 +1111,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.list:  # with each finished stage's wall time, and the sums by stage kind
             walls: dict[str, float] = {}
             for s in study.stages:
-                done = study.is_done(s)
-                wall = json.loads(study.marker(s).read_text()).get("wall_s", 0.0) if done else None
+                rec = study.record(s)
+                done = rec is not None
+                wall = rec.get("wall_s", 0.0) if done else None
                 if done:
                     walls[s.split(":")[0]] = walls.get(s.split(":")[0], 0.0) + wall
                 print(("done  " if done else "todo  ") + s

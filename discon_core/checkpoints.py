@@ -50,6 +50,19 @@ def discon_home() -> Path:
     return Path(os.environ.get(HOME_ENV) or Path.home() / ".cache" / "discon")
 
 
+def portable(obj: Any) -> Any:
+    """``obj`` (a result: dicts, lists, strings) with every path under the cache root written
+    as ``$DISCON_HOME/...``: results kept in git carry no path of the machine that made them."""
+    if isinstance(obj, dict):
+        return {k: portable(v) for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [portable(v) for v in obj]
+    home = str(discon_home())
+    if isinstance(obj, str) and (obj == home or obj.startswith(home + os.sep)):
+        return "$" + HOME_ENV + obj[len(home):]
+    return obj
+
+
 def load_file(path: str | os.PathLike) -> Any:
     """Read a checkpoint file safely; every failure is a DisconError naming the file."""
     path = Path(path)

@@ -101,6 +101,13 @@ def test_quick_profile_end_to_end(tmp_path, capsys):
         "dtok_reconstruction", "ctok_reconstruction", "discon_from_true_tokens"}
     assert yaml.safe_load((tmp_path / "study_quick" / "tok" / "dtok-k16" / "config.yaml")
                           .read_text())["steps"] == 20  # the quick schedule, not the sweep's
+    # the ablation's trained rows and the sweep's DisCon run the shorter schedule; the main
+    # codebook size is the base's checkpoint at that step
+    for cfg_yaml in ("cont/discon-s+head-w128/config.yaml", "cont/discon-s-k16/config.yaml"):
+        assert yaml.safe_load((tmp_path / "study_quick" / cfg_yaml).read_text())["steps"] == 10
+    assert rows["eval__codebook__128"]["settings"]["step"] == 10
+    assert rows["eval__codebook__16"]["settings"]["step"] is None
+    assert all(r["signature"] for r in rows.values())  # the results stand without the markers
     for cfg_yaml in ("cont/discon-m/config.yaml", "prior/rar-l/config.yaml"):
         assert yaml.safe_load((tmp_path / "study_quick" / cfg_yaml).read_text())["ema_warmup"]
     assert row["fid"] > 0 and row["sec_per_img"] > row["sec_per_img_prior"] > 0
@@ -125,3 +132,26 @@ def test_quick_profile_end_to_end(tmp_path, capsys):
     path.write_text(yaml.safe_dump(cfg, sort_keys=False))  # cache order matters
     assert reproduce.main([str(path), "--quick", "--only", "tok:dtok"]) == 1
     assert "optimizer" in capsys.readouterr().err
+
+
+def test_tracked_results_stand_and_only_what_remains_is_rebuilt(tmp_path):
+    """Results carry their settings' signature: on a fresh clone (no checkpoints, no markers)
+    the measurements in git stand, only the inputs of the missing ones are rebuilt, and those
+    run in the tier of the most urgent stage needing them."""
+    study = reproduce.Study(reproduce.load_config(str(write_config(tmp_path))))
+    missing = {"eval:codebook:16", "eval:rfid_inception:ldm-kl"}
+    study.results.mkdir(parents=True)
+    for s in study.stages:
+        if s.startswith("eval:") and s not in missing:
+            study.result(s).write_text(json.dumps(
+                {"stage": s, "signature": reproduce.signature(study.stages[s].settings)}))
+    todo, ready = study.runnable()
+    assert set(todo) == missing | {"cont:discon-s-k16", "cache:va-vae-k16", "tok:dtok-k16",
+                                   "tok:va-vae", "tok:dtok", "tok:ldm-kl", "cache:ldm-kl"}
+    # the codebook sweep (tier 3) before Inception (4), config order within a tier
+    assert ready == ["tok:va-vae", "tok:dtok-k16", "tok:dtok", "tok:ldm-kl"]
+    # a result made with other settings does not stand
+    study.result("eval:rfid:dtok").write_text(json.dumps({"stage": "eval:rfid:dtok",
+                                                         "signature": "0" * 16}))
+    assert not study.is_done("eval:rfid:dtok")
+    assert "eval:rfid:dtok" in study.runnable()[0]

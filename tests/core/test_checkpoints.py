@@ -283,3 +283,14 @@ def test_under_torchrun_local_rank_0_fetches_first(hub, monkeypatch, local_rank,
     assert got.read_bytes() == b"weights" and log == ["barrier"]
     downloaded = any(c[3] is False for c in hub.calls)
     assert downloaded == (local_rank == "0" and not cached)
+
+
+def test_portable_writes_the_cache_root_as_a_variable(tmp_path, monkeypatch):
+    monkeypatch.setenv("DISCON_HOME", str(tmp_path / "home"))
+    stats = str(tmp_path / "home" / "eval" / "ref.npz")
+    row = {"fid": 1.5, "reference_stats": stats, "rows": [{"p": stats}],
+           "other": str(tmp_path / "homework" / "x"), "generated": "runs/a.npz"}
+    out = checkpoints.portable(row)
+    assert out["reference_stats"] == "$DISCON_HOME/eval/ref.npz" == out["rows"][0]["p"]
+    assert out["other"] == row["other"] and out["generated"] == "runs/a.npz"  # only the root
+    assert out["fid"] == 1.5
