@@ -994,9 +994,18 @@ class Study:
                 tiers[s] = min(after) if after else self.stages[s].tier
             return tiers[s]
 
+        chains: dict[str, int] = {}
+
+        def chain(s: str) -> int:  # the longest path of unfinished stages that waits on s
+            if s not in chains:
+                chains[s] = 1 + max((chain(u) for u in users[s] if needed(u)), default=0)
+            return chains[s]
+
         todo = [s for s in self.stages if needed(s)]
+        # within a tier the longest remaining path first (a prior feeding tokens feeding rows
+        # before a model feeding one row), then config order (sorted is stable)
         ready = sorted((s for s in todo if all(self.is_done(d) for d in self.stages[s].deps)),
-                       key=tier)  # stable: config order within a tier
+                       key=lambda s: (tier(s), -chain(s)))
         return todo, ready
 
     def claim(self, stage: str) -> bool:

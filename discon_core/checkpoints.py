@@ -354,14 +354,16 @@ def _trusted(path: Path, expected: str | None, what: str, source: str | None,
     if rec != new:
         with contextlib.suppress(OSError):  # a read-only shared cache: hashed again next time
             save_atomic({**records, key: new}, book)
-    _ORIGINS[path] = {"file": str(path), "sha256": got, "revision": revision, "source": source}
+    _ORIGINS[path] = {"file": portable(str(path)), "sha256": got, "revision": revision,
+                      "source": source}
     return path
 
 
 def provenance(path: str | os.PathLike | None) -> dict | None:
     """What sample.json (and a saved pipeline) records of a component's weights: None (random
     init), {file, sha256, revision, source} for released weights (a file :func:`fetch` handed out
-    in this process), else {file, sha256} (a local checkpoint)."""
+    in this process; ``file`` as ``$DISCON_HOME/...`` or ``package:...``, so a shared record
+    names no path of this machine), else {file, sha256} (a local checkpoint, as given)."""
     if path is None:
         return None
     return dict(_ORIGINS.get(Path(path)) or {"file": str(path), "sha256": sha256_of(path)})
@@ -393,7 +395,7 @@ def fetch(file: str, url: str | None = None, sha256: str | None = None,
     downloaded: it checks that the file is here or can be downloaded (None: not here yet)."""
     if url is not None and url.startswith(PACKAGE_SCHEME):
         path = package_file(url, sha256, what)
-        _ORIGINS[path] = {"file": str(path), "sha256": sha256 or sha256_of(path),
+        _ORIGINS[path] = {"file": url, "sha256": sha256 or sha256_of(path),
                           "revision": None, "source": url}
         return path
     dest = cache_path(file, f"{what}: file")

@@ -155,3 +155,19 @@ def test_tracked_results_stand_and_only_what_remains_is_rebuilt(tmp_path):
                                                          "signature": "0" * 16}))
     assert not study.is_done("eval:rfid:dtok")
     assert "eval:rfid:dtok" in study.runnable()[0]
+
+
+def test_longest_remaining_path_runs_first_within_a_tier(tmp_path):
+    """The ablation's inputs: the prior (prior -> tokens -> every row) is claimed before the
+    five ablation models (model -> one row) that come before it in config order."""
+    study = reproduce.Study(reproduce.load_config(str(write_config(tmp_path))))
+    pending = ("eval:ablation", "prior:", "tokens:", "cont:discon-s+")
+    for s, st in study.stages.items():
+        if not s.startswith(pending):
+            study.marker(s).parent.mkdir(parents=True, exist_ok=True)
+            study.marker(s).write_text(json.dumps({"signature": reproduce.signature(st.settings)}))
+    todo, ready = study.runnable()
+    models = [s for s in study.stages if s.startswith("cont:discon-s+")]
+    assert list(study.stages).index("prior:rar-l") > list(study.stages).index(models[-1])
+    assert ready == ["prior:rar-l"] + models
+    assert "tokens:rar-l:0:500" in todo and "tokens:rar-l:0:500" not in ready

@@ -217,7 +217,8 @@ def test_hub_download_records_sha256_and_commit_then_reuses_the_cache(hub, tmp_p
     hub.calls.clear()
     assert checkpoints.fetch("w.bin", repo="org/model", filename="w.bin") == got
     assert [c[3] for c in hub.calls] == [True]  # reused: no download
-    assert checkpoints.provenance(got) == {"file": str(got), "sha256": rec["sha256"],
+    shared = "$DISCON_HOME/" + str(got.relative_to(tmp_path / "home"))  # no path of this machine
+    assert checkpoints.provenance(got) == {"file": shared, "sha256": rec["sha256"],
                                            "revision": "c0ffee", "source": rec["source"]}
 
 
