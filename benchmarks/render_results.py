@@ -111,7 +111,7 @@ def render(study) -> str:
     mars, discons = study.mars, study.discons
     best_prior = ev["prior"]
     import os
-    base = res if study.cfg["out"].endswith("_quick") else RESULTS_MD.parent
+    base = res if study.cfg.get("separate_run") else RESULTS_MD.parent
     rel = lambda p: Path(os.path.relpath(p.resolve(), base.resolve())).as_posix()  # noqa: E731
     out: list[str] = []
     w = out.append
@@ -263,8 +263,11 @@ def render(study) -> str:
               f"{fmt(e.get('black'), 3)} | {fmt(v['sec_per_img_continuous'], 4)} | "
               f"{fmt(v['params'])} |")
         w("")
-        w("Not measured as a row: training on the prior's tokens instead of the dtok encoder's "
-          "(the prior's samples have no paired continuous tokens; docs/reproduction.md).\n")
+        if any("prior_tokens" in c for c in abl["trained"].values()):
+            w("`prior_tokens`: trained on the base's cache with every discrete token redrawn "
+              "from the prior, teacher-forced on the image's true tokens before it "
+              "(conditional, temperature 1, no CFG), each still paired with the image's "
+              "continuous tokens (`discon_plugins.cache.prior_tokens_cache`).\n")
 
     # -- the codebook sweep -----------------------------------------------------------------
     cb = sorted((r for k, r in rows.items() if k.startswith("eval:codebook:")),
@@ -357,7 +360,7 @@ def render(study) -> str:
 
     # -- the embedded default (discon run) --------------------------------------------------
     card = sorted(RESULTS_MD.parent.glob("results/default_model/*.json"))
-    if card and not study.cfg["out"].endswith("_quick"):
+    if card and not study.cfg.get("separate_run"):
         w("### The embedded default of `discon run` (model card figures)\n")
         w("`discon sample` of the shipped pipeline and of its prior's tokens through the dtok "
           "(same seed, hence the same tokens), scored by `discon eval --ref fashion-mnist:test` "
@@ -387,7 +390,7 @@ def render(study) -> str:
         md = md[:md.index(BEGIN) + len(BEGIN)] + "\n" + text + "\n" + md[md.index(END):]
     else:
         md = md.rstrip("\n") + f"\n\n{BEGIN}\n{text}\n{END}\n"
-    if study.cfg["out"].endswith("_quick"):  # the quick profile never touches RESULTS.md
+    if study.cfg.get("separate_run"):  # the quick profile (or --out) never touches RESULTS.md
         (res / "RESULTS.md").write_text(text)
         return str(res / "RESULTS.md")
     RESULTS_MD.write_text(md)

@@ -27,6 +27,7 @@ import copy
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -55,6 +56,9 @@ SELECT, REPORT = "val", "test"
 LAST = "checkpoint-last.pth"
 TIERS = {None: 0, "ablation": 2, "codebook": 3}  # stage tiers by role (Stage.tier)
 INCEPTION_TIER = 4
+# measurements sample in fp32 on every machine, so rows compare across CPUs (bf16 sampling moved
+# the embedded default's FID by 0.06: docs/speed.md); only training follows precision: auto
+EVAL_DTYPE = "fp32"
 
 
 def say(msg: str) -> None:
@@ -70,6 +74,7 @@ def quick_profile(cfg: dict) -> dict:
     cfg = copy.deepcopy(cfg)
     cfg["out"] = cfg["out"].rstrip("/") + "_quick"
     cfg["results"] = str(Path(cfg["out"]) / "results")
+    cfg["separate_run"] = True  # renders beside its results, never into RESULTS.md
     cfg["data"] = {**cfg["data"], "limit": 400}
     for sec in list(cfg["tokenizers"].values()):
         sec["train"].update(steps=20, batch_size=16, keep_every=None)
@@ -80,11 +85,13 @@ def quick_profile(cfg: dict) -> dict:
                             "randomness_anneal_end": 14}
     for sec in cfg["continuous"].values():
         sec.get("train", {}).pop("steps", None)
-    if cfg.get("ablation"):  # one trained and one sampled lever
-        abl = cfg["ablation"]
+    if cfg.get("ablation"):  # one trained lever (the prior-token one, if any: its own cache
+        abl = cfg["ablation"]  # stage) and one sampled lever
+        keep = ([k for k, v in abl["trained"].items() if "prior_tokens" in v]
+                or list(abl["trained"]))[:1]
         abl["trained"] = {k: {**v, "train": {kk: vv for kk, vv in v.get("train", {}).items()
                                              if kk != "steps"}}
-                          for k, v in list(abl["trained"].items())[:1]}
+                          for k, v in abl["trained"].items() if k in keep}
         abl["sampled"] = {"half-training": {"step": 10}}
         if "steps" in abl:
             abl["steps"] = 10
@@ -109,11 +116,22 @@ def expand(cfg: dict, path: str) -> dict:
             raise DisconError(f"study config {path}: ablation.base {base!r} is not one of "
                               f"{sorted(cfg['continuous'])}")
         for row, change in abl["trained"].items():
-            check_keys(change, CONT_KEYS - {"role", "cache", "size"},
+            check_keys(change, CONT_KEYS - {"role", "cache", "size"} | {"prior_tokens"},
                        f"study config {path}: ablation.trained.{row}")
             b = cfg["continuous"][base]
+            cache = b["cache"]
+            if "prior_tokens" in change:  # the base's cache with the tokens this prior would produce
+                prior = change["prior_tokens"]
+                if prior not in cfg["priors"]:
+                    raise DisconError(f"study config {path}: ablation.trained.{row}.prior_tokens "
+                                      f"{prior!r} is not one of {sorted(cfg['priors'])}")
+                cache = f"{b['cache']}+{prior}-tokens"
+                cfg["caches"][cache] = {**cfg["caches"][b["cache"]], "from": b["cache"],
+                                        "prior_tokens": prior}
             cfg["continuous"][f"{base}+{row}"] = {
-                **b, **{k: v for k, v in change.items() if k not in ("overrides", "train")},
+                **b, "cache": cache,
+                **{k: v for k, v in change.items() if k not in ("overrides", "train",
+                                                                "prior_tokens")},
                 "overrides": {**b.get("overrides", {}), **change.get("overrides", {})},
                 # `steps`: the trained rows' shorter schedule (compare them with the base's
                 # checkpoint at that step, a sampled row)
@@ -169,6 +187,17 @@ def load_config(path: str, quick: bool = False) -> dict:
     if cfg["eval"]["prior"] not in cfg["priors"]:
         raise DisconError(f"study config {path}: eval.prior {cfg['eval']['prior']!r} is not one "
                           f"of {sorted(cfg['priors'])}")
+    return cfg
+
+
+def run_options(cfg: dict, dtype: str | None = None, out: str | None = None) -> dict:
+    """``--dtype``: every training stage's precision; ``--out``: a separate run (its own
+    checkpoints and results, rendered beside them), e.g. to time the whole study in fp32."""
+    cfg = copy.deepcopy(cfg)
+    if dtype:
+        cfg["train_defaults"] = {**cfg.get("train_defaults", {}), "precision": dtype}
+    if out:
+        cfg.update(out=str(out), results=str(Path(out) / "results"), separate_run=True)
     return cfg
 
 
@@ -322,7 +351,8 @@ class Study:
                      tier=TIERS[t.get("role")])
         for name, c in cfg["caches"].items():
             self.add(f"cache:{name}", lambda name=name: self.build_cache(name),
-                     deps=[f"tok:{c['dtok']}", f"tok:{c['ctok']}"],
+                     deps=([f"cache:{c['from']}", f"prior:{c['prior_tokens']}"] if "from" in c
+                           else [f"tok:{c['dtok']}", f"tok:{c['ctok']}"]),
                      settings={"data": data, **c},
                      tier=TIERS[cfg["tokenizers"][c["dtok"]].get("role")])
         table = set(self.mars + self.discons)
@@ -378,10 +408,19 @@ class Study:
         return bool(params.get("cond_vocab_size", 0))
 
     def build_cache(self, name: str) -> None:
-        from discon_plugins.cache import CachedDataset, build_cache
+        from discon_plugins.cache import CachedDataset, build_cache, prior_tokens_cache
         c = self.cfg["caches"][name]
         toks = self.cfg["tokenizers"]
         out = self.cache_dir(name)
+        if "from" in c:  # the same moments; tokens drawn from the prior, seed 0's
+            src, p = self.cache_dir(c["from"]), c["prior_tokens"]
+            prior_tokens_cache(src, out, self.prior_module(p).eval(),
+                               prior_checkpoint=self.prior_dir(p) / LAST, seed=self.seed,
+                               progress=False)
+            for f in ("normalization.json", "latents_stats.pt"):
+                if (src / f).is_file():
+                    shutil.copyfile(src / f, out / f)
+            return
         build_cache(self.cfg["data"], out, dtok=toks[c["dtok"]]["preset"],
                     ctok=toks[c["ctok"]]["preset"], dtok_checkpoint=str(self.tok_ckpt(c["dtok"])),
                     ctok_checkpoint=str(self.tok_ckpt(c["ctok"])), shard_size=5000,
@@ -595,9 +634,7 @@ class Study:
 
     def build(self, kind, preset, ckpt, **over):
         from discon_core.registry import build
-        # scored in fp32 on every machine, so rows compare across CPUs (bf16 sampling moved the
-        # embedded default's FID by 0.06: docs/speed.md); only training follows precision: auto
-        return build(kind, preset, checkpoint=ckpt, device=self.device, dtype="fp32",
+        return build(kind, preset, checkpoint=ckpt, device=self.device, dtype=EVAL_DTYPE,
                      **over).eval()
 
     def prior_module(self, p: str, seed: int = 0):
@@ -679,7 +716,7 @@ class Study:
 
     def write(self, stage: str, row: dict) -> None:
         from discon_core.checkpoints import portable, save_atomic
-        row = {"stage": stage, **row, "machine": machine(), "hardware": hardware_record(self.device),
+        row = {"stage": stage, **row, "machine": machine(), "hardware": hardware_record(self.device, EVAL_DTYPE),
                "date": time.strftime("%Y-%m-%d"),
                "signature": signature(self.stages[stage].settings)}
         row.pop("sample", None)
@@ -1110,10 +1147,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--export-default", action="store_true",
                     help="ship the config's `default` stages inside the package (discon run)")
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--dtype", choices=["auto", "fp32", "bf16"], default=None,
+                    help="precision of every training stage (default: the config's "
+                         "train_defaults.precision); measurements always run in fp32")
+    ap.add_argument("--out", default=None,
+                    help="study folder instead of the config's `out`, with its results in "
+                         "OUT/results (a separate run, e.g. timing the study in fp32)")
     args = ap.parse_args(argv)
     threads = torch.get_num_threads()
     try:
         cfg = load_config(args.config, args.quick)
+        cfg = run_options(cfg, args.dtype, args.out)
         torch.set_num_threads(int(cfg.get("threads") or os.cpu_count()))
         check_presets(cfg)
         study = Study(cfg, args.device)

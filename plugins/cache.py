@@ -157,6 +157,63 @@ def build_cache(data: Mapping[str, Any], out: str | os.PathLike, *, dtok: str,
     return out / MANIFEST
 
 
+@torch.no_grad()
+def prior_tokens_cache(src: str | os.PathLike, out: str | os.PathLike, prior, *,
+                       prior_checkpoint: str | os.PathLike | None = None,
+                       temperature: float = 1.0, seed: int = 0, batch_size: int = 256,
+                       progress: bool = True) -> Path:
+    """A copy of the cache ``src`` whose discrete tokens are the ones ``prior`` would produce:
+    token ``i`` of every view drawn from ``prior.logits`` (a :class:`DiscretePrior`, teacher
+    forced on the TRUE tokens before ``i``, conditional, no CFG) at ``temperature``; moments,
+    labels and indices are unchanged. Training on it shows the continuous model the kind of
+    discrete tokens it gets at sampling time, each still paired with its image's continuous
+    tokens. Resumable per shard; returns the manifest path."""
+    from tqdm.auto import tqdm
+
+    from discon_core.runtime import check_output_dir
+    if not (isinstance(temperature, (int, float)) and temperature > 0):
+        raise DisconError(f"temperature must be a number > 0, got {temperature!r}")
+    source = CachedDataset(src)
+    out = check_output_dir(out, what="cache folder")
+    plan = {**{k: v for k, v in source.manifest.items() if k not in ("complete", "shards")},
+            "complete": False,
+            "tokens_from": {"prior": component_record(prior, prior_checkpoint),
+                            "source": source.manifest["dtok"], "temperature": float(temperature),
+                            "seed": int(seed), "mode": "teacher-forced, conditional, no CFG"}}
+    if (out / MANIFEST).is_file():
+        old = read_json(out / MANIFEST, "cache manifest")
+        if {k: v for k, v in old.items() if k not in ("complete", "shards")} != \
+                {k: v for k, v in plan.items() if k != "complete"}:
+            raise DisconError(f"cache {out} was built from another cache, prior or temperature; "
+                              f"use another --out folder or delete {out}")
+    else:
+        save_atomic(plan, out / MANIFEST)
+    dev = next(prior.parameters()).device
+    shards = []
+    for k, rec in enumerate(tqdm(source.shards, desc="prior tokens", disable=not progress)):
+        path = out / rec["file"]
+        if not _shard_done(out, k):
+            data = dict(source._shard(k))
+            tokens = data["tokens"]                       # int32 [n, 2, h, w]
+            flat = tokens.flatten(2).flatten(0, 1).long()  # [n*2, h*w]
+            labels = data["labels"].repeat_interleave(tokens.shape[1])
+            g = torch.Generator(device=dev).manual_seed(seed * 100003 + k)
+            drawn = torch.cat([
+                torch.multinomial(
+                    torch.softmax(prior.logits(flat[i:i + batch_size].to(dev),
+                                               labels[i:i + batch_size].to(dev)).float()
+                                  / temperature, -1).flatten(0, 1), 1, generator=g)
+                .view(-1, flat.shape[1]).cpu() for i in range(0, len(flat), batch_size)])
+            data["tokens"] = drawn.view(tokens.shape).to(torch.int32)
+            save_atomic(data, path)
+            save_atomic({"count": rec["count"], "items": None, "sha256": sha256_of(path),
+                         "skipped": {}}, out / f"{shard_name(k)}.json")
+        shards.append({**rec, "sha256": read_json(out / f"{shard_name(k)}.json",
+                                                  "cache shard sidecar")["sha256"]})
+    save_atomic({**plan, "complete": True, "shards": shards}, out / MANIFEST)
+    return out / MANIFEST
+
+
 def _start_manifest(out: Path, plan: dict, *, write: bool) -> None:
     """Refuse a folder cached with other tokenizers, data or sharding; else record the plan."""
     manifest_path = out / MANIFEST

@@ -56,6 +56,10 @@ def test_shipped_config_checks_and_lists_its_stages(capsys, monkeypatch):
     flow = study.cont_cfg("discon-s+flow-head").components["head"]
     assert flow["preset"] == "discon-tiny-flow" and flow["overrides"]["diffloss_w"] == 64
     assert study.cont_cfg("discon-s-k16").components["dtok"]["overrides"] == {"codebook_size": 16}
+    # training on the prior's tokens: the base's cache with its tokens redrawn by the prior
+    assert study.stages["cache:va-vae+rar-l-tokens"].deps == ["cache:va-vae", "prior:rar-l"]
+    assert study.cont_cfg("discon-s+prior-tokens").data["cache"].endswith("va-vae+rar-l-tokens")
+    assert "cont:discon-s+prior-tokens" in study.stages["eval:ablation:prior-tokens"].deps
 
 
 @pytest.mark.parametrize("change, message", [
@@ -63,6 +67,7 @@ def test_shipped_config_checks_and_lists_its_stages(capsys, monkeypatch):
     ({"priors.rar-s.overrides": {"codebook_size": 1024}}, "priors.rar-s"),
     ({"continuous.mar-s.cache": "nope"}, "continuous.mar-s.cache 'nope'"),
     ({"eval.prior": "rar-xl"}, "eval.prior 'rar-xl'"),
+    ({"ablation.trained.prior-tokens": {"prior_tokens": "rar-xl"}}, "prior_tokens 'rar-xl'"),
 ])
 def test_presets_that_do_not_fit_are_refused_before_any_work(tmp_path, capsys, change, message):
     path = write_config(tmp_path, **change)
@@ -82,7 +87,7 @@ def test_quick_profile_end_to_end(tmp_path, capsys):
                  "eval__table3__rar-s__dtok__0", "eval__fig6__discon-s__16",
                  "eval__fig7__discon-s-kl__1.0", "eval__fig8__mar-s__10", "eval__rfid__va-vae",
                  "eval__bf16_check", "eval__figures", "eval__ablation__base",
-                 "eval__ablation__head-w128", "eval__ablation__half-training",
+                 "eval__ablation__half-training", "eval__ablation__prior-tokens",
                  "eval__codebook__16", "eval__codebook__128"):
         assert stem in rows, stem
     # choices on the validation split, table rows on test, each with its pixel statistics
@@ -91,10 +96,14 @@ def test_quick_profile_end_to_end(tmp_path, capsys):
     row = rows["eval__table3__rar-l__discon-m__0"]
     assert row["split"] == "test" and "black" in row["pixels"] and "pass" in row["pixel_check"]
     assert row["N"] == 40 and row["extractor"] == "fmnist" and 0 <= row["class_accuracy"] <= 1
+    assert row["hardware"]["dtype"] == "fp32" and "cpu_capability" in row["hardware"]
     # the ablation: oracle and end-to-end scores per row; a sampled row on a kept checkpoint
     abl = rows["eval__ablation__half-training"]
     assert abl["settings"]["step"] == 10 and abl["oracle"]["fid"] > 0 and abl["e2e"]["fid"] > 0
-    assert rows["eval__ablation__head-w128"]["params"] > rows["eval__ablation__base"]["params"]
+    assert rows["eval__ablation__prior-tokens"]["params"] == rows["eval__ablation__base"]["params"]
+    drawn = json.loads((tmp_path / "study_quick" / "cache" / "va-vae+rar-l-tokens" / "manifest.json")
+                       .read_text())["tokens_from"]  # trained on tokens the prior drew
+    assert drawn["prior"]["preset"] == "rar-tiny-l" and drawn["source"]["preset"] == "maskgit-vq-tiny"
     # the codebook sweep: the 16-code dtok and its DisCon, the three decodes of the same images
     cb = rows["eval__codebook__16"]
     assert cb["settings"]["model"] == "discon-s-k16" and set(cb["rows"]) == {
@@ -103,7 +112,7 @@ def test_quick_profile_end_to_end(tmp_path, capsys):
                           .read_text())["steps"] == 20  # the quick schedule, not the sweep's
     # the ablation's trained rows and the sweep's DisCon run the shorter schedule; the main
     # codebook size is the base's checkpoint at that step
-    for cfg_yaml in ("cont/discon-s+head-w128/config.yaml", "cont/discon-s-k16/config.yaml"):
+    for cfg_yaml in ("cont/discon-s+prior-tokens/config.yaml", "cont/discon-s-k16/config.yaml"):
         assert yaml.safe_load((tmp_path / "study_quick" / cfg_yaml).read_text())["steps"] == 10
     assert rows["eval__codebook__128"]["settings"]["step"] == 10
     assert rows["eval__codebook__16"]["settings"]["step"] is None
@@ -171,3 +180,18 @@ def test_longest_remaining_path_runs_first_within_a_tier(tmp_path):
     assert list(study.stages).index("prior:rar-l") > list(study.stages).index(models[-1])
     assert ready == ["prior:rar-l"] + models
     assert "tokens:rar-l:0:500" in todo and "tokens:rar-l:0:500" not in ready
+
+
+def test_a_separate_fp32_run_trains_everything_anew_in_fp32(tmp_path, capsys, monkeypatch):
+    """`--dtype fp32 --out DIR` (timing the study on a CPU without native bf16): every stage of
+    that run trains in fp32 and is todo there, whatever the tracked results say."""
+    cfg = reproduce.run_options(reproduce.load_config(str(CONFIG)), "fp32", tmp_path / "fp32")
+    study = reproduce.Study(cfg)
+    monkeypatch.setattr(study, "_ctok_overrides", lambda cache: {})  # no cache built here
+    assert study.results == tmp_path / "fp32" / "results" and cfg["separate_run"]
+    assert study.cont_cfg("discon-s").precision == "fp32"
+    assert study.prior_cfg("rar-l", 1).precision == "fp32"
+    assert reproduce.main([str(CONFIG), "--list", "--dtype", "fp32", "--out",
+                           str(tmp_path / "fp32")]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines and all(line.startswith("todo") for line in lines)

@@ -141,3 +141,52 @@ def test_torchrun_two_ranks_write_the_same_cache(built, tokenizers, tmp_path):
         a, b = one.get(i, True), two.get(i, True)
         assert torch.equal(a["tokens"], b["tokens"]) and a["labels"] == b["labels"]
         torch.testing.assert_close(a["moments"], b["moments"], atol=1e-5, rtol=1e-5)
+
+
+class ShiftPrior(torch.nn.Module):
+    """A DiscretePrior whose teacher-forced distribution of token i is (true token i + 1) mod V:
+    shows that every position and both views are drawn at the right place."""
+
+    codebook_size, num_classes = 128, 10
+
+    def __init__(self):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(50.0))
+
+    def logits(self, tokens, labels):
+        return torch.nn.functional.one_hot((tokens + 1) % self.codebook_size,
+                                           self.codebook_size).float() * self.scale
+
+
+def test_prior_tokens_cache_replaces_only_the_tokens(built, tmp_path):
+    from discon_plugins.cache import prior_tokens_cache
+    _, src = built
+    out = tmp_path / "prior-tokens"
+    prior_tokens_cache(src, out, ShiftPrior(), temperature=1.0, batch_size=5, progress=False)
+    a, b = CachedDataset(src), CachedDataset(out)
+    assert len(a) == len(b) == 24 and b.manifest["tokens_from"]["temperature"] == 1.0
+    for i in (0, 13, 23):
+        for flip in (False, True):
+            x, y = a.get(i, flip), b.get(i, flip)
+            assert torch.equal(y["tokens"], (x["tokens"] + 1) % 128)
+            assert torch.equal(y["moments"], x["moments"]) and y["labels"] == x["labels"]
+    b.check_presets(**TOKS)  # still the dtok's vocabulary and the same ctok
+    # a rerun reuses the finished shards; another temperature is refused, naming the folder
+    before = {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.safetensors")}
+    prior_tokens_cache(src, out, ShiftPrior(), temperature=1.0, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in out.glob("shard-*.safetensors")} == before
+    with pytest.raises(DisconError, match="another cache, prior or temperature"):
+        prior_tokens_cache(src, out, ShiftPrior(), temperature=0.5, progress=False)
+
+
+def test_prior_tokens_cache_with_a_real_prior_draws_its_vocabulary(built, tmp_path):
+    from discon_plugins.cache import prior_tokens_cache
+    _, src = built
+    torch.manual_seed(0)
+    prior = build("prior", "rar-tiny-s", dtype="fp32").eval()
+    prior_tokens_cache(src, tmp_path / "c", prior, seed=3, progress=False)
+    a, b = CachedDataset(src), CachedDataset(tmp_path / "c")
+    drawn = torch.stack([b.get(i)["tokens"] for i in range(len(b))])
+    true = torch.stack([a.get(i)["tokens"] for i in range(len(a))])
+    assert drawn.shape == true.shape and 0 <= drawn.min() and drawn.max() < prior.codebook_size
+    assert (drawn != true).float().mean() > 0.5  # an untrained prior: mostly other codes
