@@ -716,8 +716,8 @@ class Study:
 
     def write(self, stage: str, row: dict) -> None:
         from discon_core.checkpoints import portable, save_atomic
-        row = {"stage": stage, **row, "machine": machine(), "hardware": hardware_record(self.device, EVAL_DTYPE),
-               "date": time.strftime("%Y-%m-%d"),
+        row = {"stage": stage, **row, "machine": machine(),
+               "hardware": hardware_record(self.device, EVAL_DTYPE), "date": time.strftime("%Y-%m-%d"),
                "signature": signature(self.stages[stage].settings)}
         row.pop("sample", None)
         save_atomic(portable(row), self.result(stage))

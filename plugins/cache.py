@@ -175,19 +175,19 @@ def prior_tokens_cache(src: str | os.PathLike, out: str | os.PathLike, prior, *,
         raise DisconError(f"temperature must be a number > 0, got {temperature!r}")
     source = CachedDataset(src)
     out = check_output_dir(out, what="cache folder")
-    plan = {**{k: v for k, v in source.manifest.items() if k not in ("complete", "shards")},
-            "complete": False,
+    def recipe(manifest: dict) -> dict:  # what a manifest says the cache was made from
+        return {k: v for k, v in manifest.items() if k not in ("complete", "shards")}
+
+    plan = {**recipe(source.manifest),
             "tokens_from": {"prior": component_record(prior, prior_checkpoint),
                             "source": source.manifest["dtok"], "temperature": float(temperature),
                             "seed": int(seed), "mode": "teacher-forced, conditional, no CFG"}}
     if (out / MANIFEST).is_file():
-        old = read_json(out / MANIFEST, "cache manifest")
-        if {k: v for k, v in old.items() if k not in ("complete", "shards")} != \
-                {k: v for k, v in plan.items() if k != "complete"}:
+        if recipe(read_json(out / MANIFEST, "cache manifest")) != plan:
             raise DisconError(f"cache {out} was built from another cache, prior or temperature; "
                               f"use another --out folder or delete {out}")
     else:
-        save_atomic(plan, out / MANIFEST)
+        save_atomic({**plan, "complete": False}, out / MANIFEST)
     dev = next(prior.parameters()).device
     shards = []
     for k, rec in enumerate(tqdm(source.shards, desc="prior tokens", disable=not progress)):
@@ -198,12 +198,10 @@ def prior_tokens_cache(src: str | os.PathLike, out: str | os.PathLike, prior, *,
             flat = tokens.flatten(2).flatten(0, 1).long()  # [n*2, h*w]
             labels = data["labels"].repeat_interleave(tokens.shape[1])
             g = torch.Generator(device=dev).manual_seed(seed * 100003 + k)
-            drawn = torch.cat([
-                torch.multinomial(
-                    torch.softmax(prior.logits(flat[i:i + batch_size].to(dev),
-                                               labels[i:i + batch_size].to(dev)).float()
-                                  / temperature, -1).flatten(0, 1), 1, generator=g)
-                .view(-1, flat.shape[1]).cpu() for i in range(0, len(flat), batch_size)])
+            drawn = torch.cat([_draw_teacher_forced(prior, flat[i:i + batch_size].to(dev),
+                                                    labels[i:i + batch_size].to(dev),
+                                                    temperature, g).cpu()
+                               for i in range(0, len(flat), batch_size)])
             data["tokens"] = drawn.view(tokens.shape).to(torch.int32)
             save_atomic(data, path)
             save_atomic({"count": rec["count"], "items": None, "sha256": sha256_of(path),
@@ -212,6 +210,13 @@ def prior_tokens_cache(src: str | os.PathLike, out: str | os.PathLike, prior, *,
                                                   "cache shard sidecar")["sha256"]})
     save_atomic({**plan, "complete": True, "shards": shards}, out / MANIFEST)
     return out / MANIFEST
+
+
+def _draw_teacher_forced(prior, tokens: torch.Tensor, labels: torch.Tensor, temperature: float,
+                         generator: torch.Generator) -> torch.Tensor:
+    """tokens int64 [B, N] -> [B, N]: token i drawn from the prior given the class and tokens[:, :i]."""
+    probs = torch.softmax(prior.logits(tokens, labels).float() / temperature, -1)
+    return torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(tokens.shape)
 
 
 def _start_manifest(out: Path, plan: dict, *, write: bool) -> None:
