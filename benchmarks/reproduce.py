@@ -450,6 +450,11 @@ class Study:
         ev, cfg = self.ev, self.cfg
         best_prior = ev["prior"]
         mars, discons = self.mars, self.discons
+        ref_inc = []  # every Inception row waits on the test split's statistics, made once
+        if ev.get("inception_num"):
+            ref_inc = ["ref:inception"]
+            self.add("ref:inception", lambda: self.make_reference("inception"),
+                     settings={"split": REPORT, "extractor": "inception"}, tier=INCEPTION_TIER)
         for name, t in cfg["tokenizers"].items():
             if t.get("role"):
                 continue  # the codebook sweep's dtoks are scored by eval:codebook
@@ -462,7 +467,7 @@ class Study:
                 self.add(f"eval:rfid_inception:{name}",
                          lambda name=name: self.eval_rfid(name, "inception", ev["inception_num"]),
                          deps=[f"tok:{name}"] + [f"cache:{c}" for c, v in cfg["caches"].items()
-                                                 if v["ctok"] == name][:1],
+                                                 if v["ctok"] == name][:1] + ref_inc,
                          settings={"tok": name, "n": ev["inception_num"]}, tier=INCEPTION_TIER)
         # every sweep below is scored on the validation split (SELECT); its choice is used by
         # the table rows, scored once on test (REPORT)
@@ -611,15 +616,16 @@ class Study:
             self.add(f"eval:inception:{mars[-1]}",
                      lambda: self.eval_cont(mars[-1], None, 0, n, extractor="inception",
                                             **mar_kw()),
-                     deps=[f"cont:{mars[-1]}"] + mar_deps, settings={"n": n, **msw}, tier=INCEPTION_TIER)
+                     deps=[f"cont:{mars[-1]}"] + mar_deps + ref_inc, settings={"n": n, **msw}, tier=INCEPTION_TIER)
             self.add(f"eval:inception:{discons[-1]}",
                      lambda: self.eval_cont(discons[-1], best_prior, 0, n, from_n=ev["num"],
                                             extractor="inception", **dis_kw()),
-                     deps=[f"cont:{discons[-1]}", tok] + dis_deps, settings={"n": n, **dsw}, tier=INCEPTION_TIER)
+                     deps=[f"cont:{discons[-1]}", tok] + dis_deps + ref_inc,
+                     settings={"n": n, **dsw}, tier=INCEPTION_TIER)
             self.add(f"eval:inception:{best_prior}:dtok",
                      lambda: self.eval_prior_tokens(best_prior, 0, ev["num"], n=n,
                                                     extractor="inception"),
-                     deps=[tok], settings={"n": n, **psw}, tier=INCEPTION_TIER)
+                     deps=[tok] + ref_inc, settings={"n": n, **psw}, tier=INCEPTION_TIER)
 
     def best(self, sweep: str, key: str) -> float:
         """The ``settings[key]`` with the lowest FID among the finished ``eval:<sweep>...`` rows
@@ -702,6 +708,16 @@ class Study:
                                         cache_key=f"{ref.cache_key}-first{n}")
             self._references[split, n] = ref
         return self._references[split, n]
+
+    def make_reference(self, extractor: str) -> None:
+        """The ``extractor`` features, FID statistics and pixel statistics of the whole report
+        split, cached under $DISCON_HOME/eval: a stage of its own, so that one worker computes
+        them (10,000 Inception passes, the slowest input of the study) while the others train."""
+        from discon_plugins import evaluation as metrics
+        ref = self.reference(REPORT)
+        metrics.reference_statistics(ref, self.extractor(extractor),
+                                     device=torch.device(self.device), batch_size=250)
+        metrics.pixels_of(ref)
 
     def score(self, images: torch.Tensor, labels: torch.Tensor, extractor: str = "fmnist",
               split: str = REPORT) -> dict:

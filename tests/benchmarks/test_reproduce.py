@@ -156,9 +156,10 @@ def test_tracked_results_stand_and_only_what_remains_is_rebuilt(tmp_path):
                 {"stage": s, "signature": reproduce.signature(study.stages[s].settings)}))
     todo, ready = study.runnable()
     assert set(todo) == missing | {"cont:discon-s-k16", "cache:va-vae-k16", "tok:dtok-k16",
-                                   "tok:va-vae", "tok:dtok", "tok:ldm-kl", "cache:ldm-kl"}
+                                   "tok:va-vae", "tok:dtok", "tok:ldm-kl", "cache:ldm-kl",
+                                   "ref:inception"}
     # the codebook sweep (tier 3) before Inception (4), config order within a tier
-    assert ready == ["tok:va-vae", "tok:dtok-k16", "tok:dtok", "tok:ldm-kl"]
+    assert ready == ["tok:va-vae", "tok:dtok-k16", "tok:dtok", "tok:ldm-kl", "ref:inception"]
     # a result made with other settings does not stand
     study.result("eval:rfid:dtok").write_text(json.dumps({"stage": "eval:rfid:dtok",
                                                          "signature": "0" * 16}))
@@ -180,6 +181,21 @@ def test_longest_remaining_path_runs_first_within_a_tier(tmp_path):
     assert list(study.stages).index("prior:rar-l") > list(study.stages).index(models[-1])
     assert ready == ["prior:rar-l"] + models
     assert "tokens:rar-l:0:500" in todo and "tokens:rar-l:0:500" not in ready
+
+
+def test_inception_statistics_are_one_stage_that_every_inception_row_waits_on(tmp_path):
+    """The test split's Inception statistics (10,000 images, the study's slowest input) are
+    computed by one worker in a stage of their own, not by each worker reaching an Inception row."""
+    study = reproduce.Study(reproduce.load_config(str(write_config(tmp_path))))
+    rows = [s for s in study.stages if "inception" in s and s != "ref:inception"]
+    assert len(rows) == 6 and all("ref:inception" in study.stages[s].deps for s in rows)
+    assert study.stages["ref:inception"].deps == []
+    for s, st in study.stages.items():
+        if s not in rows and s != "ref:inception":
+            study.marker(s).parent.mkdir(parents=True, exist_ok=True)
+            study.marker(s).write_text(json.dumps({"signature": reproduce.signature(st.settings)}))
+    todo, ready = study.runnable()
+    assert ready == ["ref:inception"] and set(todo) == {"ref:inception", *rows}
 
 
 def test_a_separate_fp32_run_trains_everything_anew_in_fp32(tmp_path, capsys, monkeypatch):
