@@ -120,7 +120,7 @@ def expand(cfg: dict, path: str) -> dict:
                        f"study config {path}: ablation.trained.{row}")
             b = cfg["continuous"][base]
             cache = b["cache"]
-            if "prior_tokens" in change:  # the base's cache with the tokens this prior would produce
+            if "prior_tokens" in change:  # the base's cache, its tokens drawn by this prior
                 prior = change["prior_tokens"]
                 if prior not in cfg["priors"]:
                     raise DisconError(f"study config {path}: ablation.trained.{row}.prior_tokens "
@@ -616,7 +616,8 @@ class Study:
             self.add(f"eval:inception:{mars[-1]}",
                      lambda: self.eval_cont(mars[-1], None, 0, n, extractor="inception",
                                             **mar_kw()),
-                     deps=[f"cont:{mars[-1]}"] + mar_deps + ref_inc, settings={"n": n, **msw}, tier=INCEPTION_TIER)
+                     deps=[f"cont:{mars[-1]}"] + mar_deps + ref_inc, settings={"n": n, **msw},
+                     tier=INCEPTION_TIER)
             self.add(f"eval:inception:{discons[-1]}",
                      lambda: self.eval_cont(discons[-1], best_prior, 0, n, from_n=ev["num"],
                                             extractor="inception", **dis_kw()),
@@ -733,7 +734,8 @@ class Study:
     def write(self, stage: str, row: dict) -> None:
         from discon_core.checkpoints import portable, save_atomic
         row = {"stage": stage, **row, "machine": machine(),
-               "hardware": hardware_record(self.device, EVAL_DTYPE), "date": time.strftime("%Y-%m-%d"),
+               "hardware": hardware_record(self.device, EVAL_DTYPE),
+               "date": time.strftime("%Y-%m-%d"),
                "signature": signature(self.stages[stage].settings)}
         row.pop("sample", None)
         save_atomic(portable(row), self.result(stage))

@@ -175,15 +175,12 @@ def prior_tokens_cache(src: str | os.PathLike, out: str | os.PathLike, prior, *,
         raise DisconError(f"temperature must be a number > 0, got {temperature!r}")
     source = CachedDataset(src)
     out = check_output_dir(out, what="cache folder")
-    def recipe(manifest: dict) -> dict:  # what a manifest says the cache was made from
-        return {k: v for k, v in manifest.items() if k not in ("complete", "shards")}
-
-    plan = {**recipe(source.manifest),
+    plan = {**_recipe(source.manifest),
             "tokens_from": {"prior": component_record(prior, prior_checkpoint),
                             "source": source.manifest["dtok"], "temperature": float(temperature),
                             "seed": int(seed), "mode": "teacher-forced, conditional, no CFG"}}
     if (out / MANIFEST).is_file():
-        if recipe(read_json(out / MANIFEST, "cache manifest")) != plan:
+        if _recipe(read_json(out / MANIFEST, "cache manifest")) != plan:
             raise DisconError(f"cache {out} was built from another cache, prior or temperature; "
                               f"use another --out folder or delete {out}")
     else:
@@ -212,9 +209,15 @@ def prior_tokens_cache(src: str | os.PathLike, out: str | os.PathLike, prior, *,
     return out / MANIFEST
 
 
+def _recipe(manifest: dict) -> dict:
+    """What a manifest says its cache was made from (not how far the build got)."""
+    return {k: v for k, v in manifest.items() if k not in ("complete", "shards")}
+
+
 def _draw_teacher_forced(prior, tokens: torch.Tensor, labels: torch.Tensor, temperature: float,
                          generator: torch.Generator) -> torch.Tensor:
-    """tokens int64 [B, N] -> [B, N]: token i drawn from the prior given the class and tokens[:, :i]."""
+    """tokens int64 [B, N] -> [B, N]: token i drawn from the prior given the class and
+    tokens[:, :i]."""
     probs = torch.softmax(prior.logits(tokens, labels).float() / temperature, -1)
     return torch.multinomial(probs.flatten(0, 1), 1, generator=generator).view(tokens.shape)
 

@@ -101,9 +101,10 @@ def test_quick_profile_end_to_end(tmp_path, capsys):
     abl = rows["eval__ablation__half-training"]
     assert abl["settings"]["step"] == 10 and abl["oracle"]["fid"] > 0 and abl["e2e"]["fid"] > 0
     assert rows["eval__ablation__prior-tokens"]["params"] == rows["eval__ablation__base"]["params"]
-    drawn = json.loads((tmp_path / "study_quick" / "cache" / "va-vae+rar-l-tokens" / "manifest.json")
-                       .read_text())["tokens_from"]  # trained on tokens the prior drew
-    assert drawn["prior"]["preset"] == "rar-tiny-l" and drawn["source"]["preset"] == "maskgit-vq-tiny"
+    manifest = tmp_path / "study_quick" / "cache" / "va-vae+rar-l-tokens" / "manifest.json"
+    drawn = json.loads(manifest.read_text())["tokens_from"]  # trained on tokens the prior drew
+    assert drawn["prior"]["preset"] == "rar-tiny-l"
+    assert drawn["source"]["preset"] == "maskgit-vq-tiny"
     # the codebook sweep: the 16-code dtok and its DisCon, the three decodes of the same images
     cb = rows["eval__codebook__16"]
     assert cb["settings"]["model"] == "discon-s-k16" and set(cb["rows"]) == {
